@@ -1,0 +1,427 @@
+"""sppcli: SPP-net object detection as resumable command-line stages.
+
+Each command is a thin shell: resolve the config, plan the stage, let ``sppcli.pipeline`` decide
+whether it must run, print one summary line. The work lives in ``sppcli.stages.*``.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from sppcli.options import emit, friendly_errors, make_planner, setup_logging, stage_options
+
+
+def _set(section_key: str, value) -> list[str]:
+    """A CLI option as a --set override (None means: not given, keep the config's value)."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        value = list(value)
+    return [f"{section_key}={json.dumps(value)}"]
+
+
+def _run_stage(stage: str, module: str, kw: dict, extra: list[str] = (), split_role: str | None = None):
+    """Shared body of every stage command; returns (planner, manifest)."""
+    from sppcli.pipeline import RunOptions, run_stage
+
+    setup_logging(kw["verbose"], kw["quiet"])
+    planner = make_planner(kw["config_path"], kw["overrides"], kw["cache_dir"], extra)
+    split = kw.get("split") or (planner.split_of(split_role) if split_role else None)
+    plan = planner.plan(stage, split)
+    options = RunOptions(device=kw.get("device", "auto"), workers=kw.get("workers", 1),
+                         scheduler=kw.get("scheduler"))
+    manifest, _ran = run_stage(planner, importlib.import_module(f"sppcli.stages.{module}"), plan, options,
+                               force=kw["force"])
+    return planner, manifest
+
+
+def _variant(name: str | None) -> list[str]:
+    from sppcli.pipeline import VARIANTS
+
+    if name is None:
+        return []
+    if name not in VARIANTS:
+        raise click.BadParameter(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}", param_hint="--variant")
+    return list(VARIANTS[name])
+
+
+variant_option = click.option(
+    "--variant", default=None,
+    help="A Table 6 row: pool5 | fc6 | ftfc6 | ftfc7 | ftfc7bb (sets svm.layer, svm.finetuned, detect.bbox_reg).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="sppcli")
+def main():
+    """SPP-net object detection (He, Zhang, Ren, Sun): resumable stages over on-disk artifacts.
+
+    \b
+    Pipeline (each stage skips itself when its artifact is up to date):
+      make-dataset -> proposals -> pretrain -> extract-features -> pool-windows
+      -> finetune-fc -> train-svm -> train-bbox-reg -> detect -> evaluate -> show
+    `sppcli status` tells what is complete, partial, stale or missing.
+    """
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@main.command("make-dataset")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Devkit folder to write (default: the config's dataset.devkit).")
+@click.option("--seed", type=int, default=None, help="Random seed (same seed -> same bytes).")
+@click.option("--trainval", type=int, default=None, help="Number of trainval images.")
+@click.option("--test", type=int, default=None, help="Number of test images.")
+@click.option("--size", default=None, metavar="WxH", help="Image size, e.g. 320x240.")
+@stage_options(split=False, runtime=False)
+@friendly_errors
+def make_dataset_cmd(out, seed, trainval, test, size, **kw):
+    """Write the embedded synthetic VOC2007-format dataset (the demo's default data).
+
+    Several shape-and-texture classes on real-photo backgrounds, with occlusion, truncation,
+    tiny `difficult` objects and clutter; Annotations/, JPEGImages/, ImageSets/Main/ and
+    classes.txt, exactly as a VOC devkit.
+
+    \b
+    Example:
+      sppcli make-dataset --out cache/data/synth/VOC2007 --trainval 200 --test 100 --size 320x240
+    """
+    from sppcli.stages.dataset import make_embedded_dataset
+
+    setup_logging(kw["verbose"], kw["quiet"])
+    extra = _set("synth.seed", seed) + _set("synth.trainval", trainval) + _set("synth.test", test)
+    if size is not None:
+        try:
+            w, h = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise click.BadParameter(f"{size!r}: expected WxH, e.g. 320x240", param_hint="--size") from None
+        extra += _set("synth.width", w) + _set("synth.height", h)
+    if out is not None:
+        extra += _set("dataset.devkit", str(out))
+    planner = make_planner(kw["config_path"], kw["overrides"], kw["cache_dir"], extra)
+    info = make_embedded_dataset(planner.config, force=kw["force"])
+    if kw["as_json"]:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+    click.echo(f"dataset {info['devkit']}: {info['summary']}", err=True)
+
+
+@main.command("proposals")
+@click.option("--mode", type=click.Choice(["fast", "quality", "single"]), default=None,
+              help="Selective search mode (paper: fast).")
+@click.option("--max-boxes", type=int, default=None, help="Keep at most this many windows per image.")
+@click.option("--min-size", type=int, default=None, help="Drop windows with a side shorter than this (pixels).")
+@stage_options()
+@friendly_errors
+def proposals_cmd(mode, max_boxes, min_size, **kw):
+    """Selective-search window proposals for every image of a split.
+
+    OpenCV's ximgproc selective search, one process per image (--workers), one HDF5 item
+    per image; resumable. Reports boxes per image, recall at IoU 0.5 / 0.7, MABO, s/image.
+
+    \b
+    Example:
+      sppcli proposals --config pipelines/demo.toml --split test --workers 2
+    """
+    from sppcli.stages.proposals import format_recall_table
+
+    extra = _set("proposals.mode", mode) + _set("proposals.max_boxes", max_boxes) + _set("proposals.min_size", min_size)
+    planner, m = _run_stage("proposals", "proposals", kw, extra, split_role="train")
+    click.echo(format_recall_table(m.metrics, f"selective search ({m.params['mode']}) on {m.dataset}"), err=True)
+    emit(m, kw["as_json"], f"proposals: {m.dir}")
+
+
+@main.command("import-proposals")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@stage_options()
+@friendly_errors
+def import_proposals_cmd(source, **kw):
+    """Use boxes you already have (NPZ, HDF5, or R-CNN's selective-search .mat) as proposals.
+
+    Writes the same artifact as `sppcli proposals`, so every later stage uses it unchanged.
+    Later commands must be given the same `--set proposals.imported=SOURCE`.
+
+    \b
+    Example:
+      sppcli import-proposals selective_search_data/voc_2007_test.mat --split test \\
+          --config pipelines/voc2007.toml --set dataset.devkit=VOCdevkit/VOC2007
+    """
+    from sppcli.stages.proposals import format_recall_table
+
+    planner, m = _run_stage("proposals", "proposals", kw, _set("proposals.imported", str(source.resolve())),
+                            split_role="train")
+    click.echo(format_recall_table(m.metrics, f"imported proposals on {m.dataset}"), err=True)
+    emit(m, kw["as_json"], f"proposals (imported): {m.dir}")
+
+
+# --------------------------------------------------------------------------------------------- SPP-net
+
+
+@main.command("pretrain")
+@click.option("--sizes", default=None, metavar="224,180", help="Training sizes; two or more = multi-size training.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--folder", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Train on an image folder (one sub-folder per class) instead of the dataset's object crops.")
+@stage_options(split=False)
+@friendly_errors
+def pretrain_cmd(sizes, epochs, folder, **kw):
+    """Train an SPP-net classifier (conv trunk + SPP + fc6 + fc7 + softmax).
+
+    On object crops of the dataset's train split, or an image folder. Single-size or
+    multi-size (224 then 180, one epoch each, shared weights). Resumable per epoch. Prints top-1
+    error of a centre crop, the full image and 10 views on a held-out split.
+
+    \b
+    Example:
+      sppcli pretrain --config pipelines/demo.toml --sizes 64,48 --workers 2
+    """
+    from sppcli.stages.pretrain import format_eval_table
+
+    extra = _set("pretrain.epochs", epochs)
+    if sizes is not None:
+        extra += _set("pretrain.sizes", [int(s) for s in sizes.split(",")])
+    if folder is not None:
+        extra += _set("pretrain.source", "folder") + _set("pretrain.folder", str(folder.resolve()))
+    planner, m = _run_stage("pretrain", "pretrain", kw, extra)
+    click.echo(format_eval_table(m.metrics), err=True)
+    emit(m, kw["as_json"], f"pretrain: {m.dir / 'model.pt'}")
+
+
+@main.command("extract-features")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Our checkpoint, or a torchvision alexnet/vgg16 .pth (with --set net.trunk=...). "
+                   "Default: the pretrain artifact.")
+@click.option("--scales", default=None, metavar="688 | 480,576,688,864,1200", help="Shorter-side sizes.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None, help="Storage dtype.")
+@click.option("--autocast", type=click.Choice(["none", "bf16", "fp16"]), default=None, help="Compute precision.")
+@stage_options()
+@friendly_errors
+def extract_features_cmd(weights, scales, dtype, autocast, **kw):
+    """conv5 feature maps of whole images, once per image and scale, to HDF5.
+
+    \b
+    Example:
+      sppcli extract-features --config pipelines/voc2007.toml --split test \\
+          --weights zf5.pt --scales 480,576,688,864,1200 --device cuda --workers 4
+    """
+    extra = _set("features.dtype", dtype) + _set("features.autocast", autocast)
+    if weights is not None:
+        extra += _set("features.weights", str(weights.resolve()))
+    if scales is not None:
+        extra += _set("features.scales", [int(s) for s in scales.split(",")])
+    planner, m = _run_stage("features", "features", kw, extra, split_role="train")
+    emit(m, kw["as_json"], f"features: {m.metrics.get('conv_seconds_per_image', 0):.3f} s/image conv, "
+                           f"{m.metrics.get('bytes_per_image', 0) / 1e6:.2f} MB/image -> {m.dir}")
+
+
+@main.command("pool-windows")
+@click.option("--levels", default=None, metavar="1,2,3,6", help="Pyramid levels (n x n bins each).")
+@stage_options()
+@friendly_errors
+def pool_windows_cmd(levels, **kw):
+    """Spatial pyramid pooling of every window (proposals + ground truth) on its best scale.
+
+    \b
+    Example:
+      sppcli pool-windows --config pipelines/demo.toml --split trainval --workers 2
+    """
+    extra = _set("pool.levels", [int(s) for s in levels.split(",")]) if levels else []
+    planner, m = _run_stage("pool", "pool", kw, extra, split_role="train")
+    emit(m, kw["as_json"], f"pool: {m.metrics.get('feature_dim')}-d windows, "
+                           f"{m.metrics.get('pool_seconds_per_image', 0):.3f} s/image -> {m.dir}")
+
+
+@main.command("classify")
+@click.option("--size", type=int, default=None, help="Images resized so min(w, h) = size.")
+@click.option("--layer", type=click.Choice(["pool5", "fc6", "fc7"]), default=None)
+@stage_options(split=False)
+@friendly_errors
+def classify_cmd(size, layer, **kw):
+    """Full-image classification with SPP features and linear SVMs; per-class AP and mAP.
+
+    \b
+    Example:
+      sppcli classify --config pipelines/demo.toml --size 224 --layer fc7
+    """
+    extra = _set("classify.size", size) + _set("classify.layer", layer)
+    planner, m = _run_stage("classify", "classify", kw, extra)
+    emit(m, kw["as_json"], f"classify: mAP {100 * m.metrics.get('mAP', float('nan')):.1f} -> {m.dir}")
+
+
+# --------------------------------------------------------------------------------------------- detector
+
+
+@main.command("finetune-fc")
+@click.option("--iterations", type=int, default=None, help="Mini-batches in all.")
+@stage_options(split=False)
+@friendly_errors
+def finetune_fc_cmd(iterations, **kw):
+    """Fine-tune fc6, fc7 and a new (K+1)-way fc8 on pooled window features.
+
+    \b
+    Example:
+      sppcli finetune-fc --config pipelines/demo.toml --device cuda
+    """
+    planner, m = _run_stage("finetune", "finetune", kw, _set("finetune.iterations", iterations))
+    emit(m, kw["as_json"], f"finetune-fc: -> {m.dir}")
+
+
+@main.command("train-svm")
+@click.option("--layer", type=click.Choice(["pool5", "fc6", "fc7"]), default=None)
+@click.option("--finetuned/--no-finetuned", default=None, help="fc layers from finetune-fc or the pretrained net.")
+@click.option("--C", "C", type=float, default=None, help="SVM regularisation (paper: 0.001).")
+@variant_option
+@stage_options(split=False)
+@friendly_errors
+def train_svm_cmd(layer, finetuned, C, variant, **kw):
+    """Per-class linear SVMs with hard-negative mining on window features.
+
+    \b
+    Example:
+      sppcli train-svm --config pipelines/demo.toml --layer fc7 --finetuned
+    """
+    extra = _variant(variant) + _set("svm.layer", layer) + _set("svm.finetuned", finetuned) + _set("svm.C", C)
+    planner, m = _run_stage("svm", "svm", kw, extra)
+    emit(m, kw["as_json"], f"train-svm: {m.params['layer']} -> {m.dir}")
+
+
+@main.command("train-bbox-reg")
+@click.option("--lam", type=float, default=None, help="Ridge lambda (release: 4000).")
+@stage_options(split=False)
+@friendly_errors
+def train_bbox_reg_cmd(lam, **kw):
+    """Per-class ridge regression from pooled conv5 features to box corrections.
+
+    \b
+    Example:
+      sppcli train-bbox-reg --config pipelines/demo.toml
+    """
+    planner, m = _run_stage("bbox_reg", "bbox_reg", kw, _set("bbox_reg.lam", lam))
+    emit(m, kw["as_json"], f"train-bbox-reg: -> {m.dir}")
+
+
+@main.command("detect")
+@click.option("--bbox-reg/--no-bbox-reg", default=None, help="Refine boxes with the regressors.")
+@click.option("--combine", "combine", multiple=True, metavar="DETECT_DIR",
+              help="Merge this other detect artifact's scored windows (NMS over the union; Table 9).")
+@variant_option
+@stage_options()
+@friendly_errors
+def detect_cmd(bbox_reg, combine, variant, **kw):
+    """Score every window, threshold, NMS 0.3, at most 100 per image; VOC and COCO result files.
+
+    \b
+    Example:
+      sppcli detect --config pipelines/demo.toml --split test --variant ftfc7bb
+    """
+    extra = _variant(variant) + _set("detect.bbox_reg", bbox_reg)
+    if combine:
+        extra += _set("detect.combine", [str(Path(c).resolve()) for c in combine])
+    planner, m = _run_stage("detect", "detect", kw, extra, split_role="test")
+    emit(m, kw["as_json"], f"detect: {m.metrics.get('n_detections')} detections -> {m.dir}")
+
+
+@main.command("evaluate")
+@click.option("--metric", type=click.Choice(["voc2007", "voc2010"]), default=None,
+              help="voc2007: 11-point interpolated AP; voc2010: area under the PR curve.")
+@variant_option
+@stage_options()
+@friendly_errors
+def evaluate_cmd(metric, variant, **kw):
+    """PASCAL VOC evaluation: per-class AP table, mAP, PR-curve PNGs, ap.json.
+
+    \b
+    Example:
+      sppcli evaluate --config pipelines/demo.toml --variant ftfc7bb --json
+    """
+    from sppcli.stages.evaluate import format_result
+
+    planner, m = _run_stage("evaluate", "evaluate", _no_json(kw), _variant(variant) + _set("evaluate.metric", metric),
+                            split_role="test")
+    if kw["as_json"]:
+        click.echo((m.dir / "ap.json").read_text())
+    click.echo(format_result(m), err=True)
+
+
+def _no_json(kw: dict) -> dict:
+    return {**kw, "as_json": False}
+
+
+@main.command("show")
+@click.option("--score", type=float, default=0.0, show_default=True, help="Draw detections above this score.")
+@click.option("--limit", type=int, default=20, show_default=True, help="How many images.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the PNGs (default: show/ inside the detect artifact).")
+@variant_option
+@stage_options(runtime=False)
+@friendly_errors
+def show_cmd(score, limit, out, variant, **kw):
+    """Draw detections on images (class, score, a colour per class) into PNG files.
+
+    \b
+    Example:
+      sppcli show --config pipelines/demo.toml --variant ftfc7bb --score 0.5 --limit 10
+    """
+    from sppcli.stages.detect import draw_detections_of
+
+    setup_logging(kw["verbose"], kw["quiet"])
+    planner = make_planner(kw["config_path"], kw["overrides"], kw["cache_dir"], _variant(variant))
+    plan = planner.plan("detect", kw.get("split") or planner.split_of("test"))
+    m = planner.store.manifest(plan.stage, plan.dataset, plan.key)
+    if m is None or not m.complete:
+        raise click.ClickException(f"no complete detections for {plan.dataset}; run `{plan.command}` first")
+    written = draw_detections_of(m, planner.dataset(plan.split), out or m.dir / "show", score, limit)
+    click.echo(f"show: {len(written)} PNGs -> {(out or m.dir / 'show')}", err=True)
+
+
+# --------------------------------------------------------------------------------------------- reports
+
+
+@main.command("status")
+@click.option("--variant", "variants", multiple=True, help="Also show these Table 6 rows (default: all).")
+@stage_options(split=False, runtime=False)
+@friendly_errors
+def status_cmd(variants, **kw):
+    """Every stage of the pipeline: complete / partial (n of m images) / stale (why) / missing.
+
+    \b
+    Example:
+      sppcli status --config pipelines/demo.toml
+    """
+    from sppcli.status import pipeline_status, format_status
+
+    setup_logging(kw["verbose"], kw["quiet"])
+    planner = make_planner(kw["config_path"], kw["overrides"], kw["cache_dir"])
+    rows = pipeline_status(planner, variants or None)
+    if kw["as_json"]:
+        click.echo(json.dumps(rows, indent=2, default=str))
+    else:
+        click.echo(format_status(rows))
+
+
+@main.command("report")
+@stage_options(split=False, runtime=False)
+@friendly_errors
+def report_cmd(**kw):
+    """The paper's Table 6 on this pipeline: mAP per layer / fine-tuning / bbox regression row,
+    with conv and fc seconds per image. Rows whose artifacts are missing are marked.
+
+    \b
+    Example:
+      sppcli report --config pipelines/demo.toml
+    """
+    from sppcli.report import table6
+
+    setup_logging(kw["verbose"], kw["quiet"])
+    planner = make_planner(kw["config_path"], kw["overrides"], kw["cache_dir"])
+    text, data = table6(planner)
+    if kw["as_json"]:
+        click.echo(json.dumps(data, indent=2, default=str))
+    click.echo(text)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

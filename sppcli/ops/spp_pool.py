@@ -1,0 +1,272 @@
+"""Spatial pyramid max pooling of many windows of one feature map.
+
+:func:`spp_pool` returns, for each window, exactly (bit for bit) what this loop returns::
+
+    torch.cat([F.adaptive_max_pool2d(fmap[:, y1:y2 + 1, x1:x2 + 1], n).flatten() for n in levels])
+
+(:func:`spp_pool_reference` is that loop), but answers all windows with a few vectorised
+gathers instead of ``len(levels)`` small pooling calls per window:
+
+* Bins follow adaptive pooling: over a window of ``L`` cells, bin ``i`` of ``n`` covers
+  ``[floor(i * L / n), ceil((i + 1) * L / n))``. Bins never come out empty, even when
+  ``n > L`` (then neighbouring bins repeat cells, as torch does).
+* A 2D sparse table holds the max of every ``2^ky x 2^kx`` block of the map, so the max of any
+  rectangle is the max of four (possibly overlapping) power-of-two blocks: four row gathers of
+  a channels-last table per bin. Max is exact, so overlap and order do not change the result.
+* A level ``n`` whose multiple ``m`` is also requested is not looked up: bin ``i`` of ``n``
+  is exactly the union of bins ``i*m/n .. (i+1)*m/n - 1`` of ``m`` (the floor/ceil edges
+  coincide), so it is the max over those ``(m/n)^2`` finer bins. With levels (1, 2, 3, 6) only
+  the 6 x 6 level touches the table.
+* Windows that map to the same cells are pooled once (``torch.unique`` on the cell rows).
+
+The code is device-agnostic (CPU or CUDA tensors; any floating dtype that ``torch.maximum``
+and ``index_select`` support on that device, float32 and float16 included).
+
+Bit-identity caveat: when a bin's maximum is zero and the bin holds both ``+0.0`` and ``-0.0``,
+the sign of the returned zero may differ from adaptive pooling's (the values compare equal).
+NaNs propagate (a bin containing NaN yields NaN), as in adaptive pooling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["DEFAULT_LEVELS", "pooled_dim", "spp_pool", "spp_pool_reference"]
+
+#: The paper's "SPP-net6" pyramid: 1x1, 2x2, 3x3, 6x6 bins (50 bins per channel).
+DEFAULT_LEVELS: tuple[int, ...] = (1, 2, 3, 6)
+
+# Bytes of gathered bin features per chunk of windows. Small enough that a chunk's gathers
+# stay in the CPU caches, large enough to amortise the per-op overhead.
+_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def pooled_dim(channels: int, levels: Sequence[int] = DEFAULT_LEVELS) -> int:
+    """Length of one window's pooled feature: ``channels * sum(n * n for n in levels)``."""
+    return channels * sum(n * n for n in levels)
+
+
+def _check_inputs(fmap: Tensor, cells: Tensor, levels: Sequence[int]) -> None:
+    if fmap.dim() != 3:
+        raise ValueError(f"fmap must have shape [C, H, W], got {tuple(fmap.shape)}")
+    if cells.dim() != 2 or cells.shape[1] != 4:
+        raise ValueError(f"cells must have shape [N, 4], got {tuple(cells.shape)}")
+    if cells.dtype.is_floating_point or cells.dtype == torch.bool:
+        raise ValueError(f"cells must be an integer tensor, got {cells.dtype}")
+    if len(levels) == 0 or any(int(n) != n or n < 1 for n in levels):
+        raise ValueError(f"levels must be positive integers, got {tuple(levels)}")
+    if cells.shape[0] == 0:
+        return
+    height, width = fmap.shape[1:]
+    x1, y1, x2, y2 = cells.unbind(1)
+    invalid = (x1 < 0) | (y1 < 0) | (x2 < x1) | (y2 < y1) | (x2 >= width) | (y2 >= height)
+    if bool(invalid.any()):
+        first = int(invalid.nonzero()[0, 0])
+        raise ValueError(
+            f"cells[{first}] = {cells[first].tolist()} is not an inclusive window of a "
+            f"{height} x {width} map (need 0 <= x1 <= x2 < W, 0 <= y1 <= y2 < H)"
+        )
+
+
+def spp_pool_reference(fmap: Tensor, cells: Tensor, levels: Sequence[int] = DEFAULT_LEVELS) -> Tensor:
+    """The slow, obviously correct definition of :func:`spp_pool` (one loop per window).
+
+    Args and return value as :func:`spp_pool`.
+    """
+    _check_inputs(fmap, cells, levels)
+    channels = fmap.shape[0]
+    if cells.shape[0] == 0:
+        return fmap.new_empty((0, pooled_dim(channels, levels)))
+    rows = []
+    for x1, y1, x2, y2 in cells.tolist():
+        window = fmap[:, y1:y2 + 1, x1:x2 + 1]
+        rows.append(torch.cat([F.adaptive_max_pool2d(window, n).flatten() for n in levels]))
+    return torch.stack(rows)
+
+
+def _bin_edges(starts: Tensor, lengths: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Adaptive-pooling bins of ``n`` per window: absolute ``[lo, hi)`` cell ranges, ``[N, n]``."""
+    i = torch.arange(n, device=starts.device)
+    lo = torch.div(i[None, :] * lengths[:, None], n, rounding_mode="floor")
+    hi = torch.div((i[None, :] + 1) * lengths[:, None] + (n - 1), n, rounding_mode="floor")
+    return starts[:, None] + lo, starts[:, None] + hi
+
+
+def _floor_log2_table(longest: int, device: torch.device) -> Tensor:
+    """``table[k] = floor(log2(k))`` for ``1 <= k <= longest`` (entry 0 unused), exact ints."""
+    values = [0] + [k.bit_length() - 1 for k in range(1, longest + 1)]
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _plan_levels(levels: Sequence[int]) -> dict[int, int | None]:
+    """For each distinct level: the finer requested level it is reduced from, or None when it
+    must be looked up in the sparse table. The smallest multiple is used (fewest bins to reduce);
+    levels are resolved coarse-from-fine, so chains like 1 <- 2 <- 6 work."""
+    distinct = sorted(set(int(n) for n in levels), reverse=True)
+    plan: dict[int, int | None] = {}
+    for n in distinct:
+        multiples = [m for m in plan if m % n == 0]
+        plan[n] = min(multiples) if multiples else None
+    return plan
+
+
+def _build_table(fmap_hwc: Tensor, depth_y: int, depth_x: int) -> Tensor:
+    """Sparse table ``[depth_y, depth_x, H, W, C]``: entry ``[ky, kx, y, x]`` is the max of
+    ``fmap[y:y + 2^ky, x:x + 2^kx]`` per channel, defined where the block fits in the map.
+
+    Entries whose block would leave the map are never read and are left uninitialised.
+    """
+    height, width, channels = fmap_hwc.shape
+    table = fmap_hwc.new_empty((depth_y, depth_x, height, width, channels))
+    table[0, 0] = fmap_hwc
+    for kx in range(1, depth_x):
+        half = 1 << (kx - 1)
+        valid = width - (1 << kx) + 1
+        previous = table[0, kx - 1]
+        torch.maximum(previous[:, :valid], previous[:, half:half + valid], out=table[0, kx, :, :valid])
+    for ky in range(1, depth_y):
+        half = 1 << (ky - 1)
+        valid = height - (1 << ky) + 1
+        previous = table[ky - 1]
+        torch.maximum(previous[:, :valid], previous[:, half:half + valid], out=table[ky, :, :valid])
+    return table
+
+
+def _pool_unique(fmap: Tensor, cells: Tensor, levels: Sequence[int]) -> Tensor:
+    """The pooled features ``[N, D]`` of ``cells`` (already validated, N > 0)."""
+    channels, height, width = fmap.shape
+    device = fmap.device
+    plan = _plan_levels(levels)
+    looked_up = [n for n, source in plan.items() if source is None]
+
+    x_start, y_start = cells[:, 0], cells[:, 1]
+    x_len = cells[:, 2] - x_start + 1
+    y_len = cells[:, 3] - y_start + 1
+    log2 = _floor_log2_table(max(height, width), device)
+
+    # Per looked-up level: bin edges and block sizes along each axis, [N, n] each.
+    axes = {}
+    longest_y = longest_x = 1
+    for n in looked_up:
+        y_lo, y_hi = _bin_edges(y_start, y_len, n)
+        x_lo, x_hi = _bin_edges(x_start, x_len, n)
+        ky, kx = log2[y_hi - y_lo], log2[x_hi - x_lo]
+        axes[n] = (y_lo, y_hi, ky, x_lo, x_hi, kx)
+        longest_y = max(longest_y, int((y_hi - y_lo).max()))
+        longest_x = max(longest_x, int((x_hi - x_lo).max()))
+    depth_y = longest_y.bit_length()
+    depth_x = longest_x.bit_length()
+
+    table = _build_table(fmap.permute(1, 2, 0).contiguous(), depth_y, depth_x)
+    rows = table.view(-1, channels)
+
+    # Four corner blocks per bin, as flat row indices into the table: ([N, n, n] each).
+    corner_rows = {}
+    for n, (y_lo, y_hi, ky, x_lo, x_hi, kx) in axes.items():
+        y_other = y_hi - (1 << ky)
+        x_other = x_hi - (1 << kx)
+        plane = (ky[:, :, None] * depth_x + kx[:, None, :]) * (height * width)
+        corner_rows[n] = [
+            plane + ys[:, :, None] * width + xs[:, None, :]
+            for ys in (y_lo, y_other)
+            for xs in (x_lo, x_other)
+        ]
+
+    total = cells.shape[0]
+    out = fmap.new_empty((total, pooled_dim(channels, levels)))
+    finest = max(n * n for n in looked_up)
+    chunk = max(1, _CHUNK_BYTES // (finest * channels * fmap.element_size()))
+    chunk = min(chunk, total)
+    offsets = []
+    position = 0
+    for n in levels:
+        offsets.append(position)
+        position += channels * n * n
+    # Gather buffers reused across chunks: fresh multi-megabyte allocations would page-fault
+    # on every chunk and cost more than the gathers themselves.
+    gathered = {n: fmap.new_empty((chunk * n * n, channels)) for n in looked_up}
+    corner = fmap.new_empty((chunk * finest, channels))
+
+    for begin in range(0, total, chunk):
+        end = min(begin + chunk, total)
+        count = end - begin
+        bins: dict[int, Tensor] = {}  # level -> [count, n, n, C], channels last
+        for n in sorted(plan, reverse=True):
+            source = plan[n]
+            if source is None:
+                corners = corner_rows[n]
+                pooled = gathered[n][:count * n * n]
+                scratch = corner[:count * n * n]
+                torch.index_select(rows, 0, corners[0][begin:end].reshape(-1), out=pooled)
+                for other in corners[1:]:
+                    torch.index_select(rows, 0, other[begin:end].reshape(-1), out=scratch)
+                    torch.maximum(pooled, scratch, out=pooled)
+                bins[n] = pooled.view(count, n, n, channels)
+            else:
+                bins[n] = _merge_bins(bins[source], source // n)
+        for n, offset in zip(levels, offsets):
+            target = out[begin:end, offset:offset + channels * n * n].view(count, channels, n, n)
+            target.copy_(bins[n].permute(0, 3, 1, 2))
+    return out
+
+
+def _merge_bins(finer: Tensor, group: int) -> Tensor:
+    """``[N, m, m, C]`` bin maxima -> ``[N, m/group, m/group, C]``: each coarse bin is the max of
+    a ``group x group`` block of fine bins. Reduced one axis at a time with elementwise maxima
+    (a multi-axis ``amax`` over this strided view is several times slower)."""
+    count, m, _, channels = finer.shape
+    n = m // group
+    along_x = finer.reshape(count, m, n, group, channels)
+    merged_x = along_x[:, :, :, 0].clone()
+    for k in range(1, group):
+        torch.maximum(merged_x, along_x[:, :, :, k], out=merged_x)
+    along_y = merged_x.view(count, n, group, n, channels)
+    merged = along_y[:, :, 0].clone()
+    for k in range(1, group):
+        torch.maximum(merged, along_y[:, :, k], out=merged)
+    return merged
+
+
+def spp_pool(
+    fmap: Tensor,
+    cells: Tensor,
+    levels: Sequence[int] = DEFAULT_LEVELS,
+    *,
+    _dedup: bool = True,
+) -> Tensor:
+    """Spatial-pyramid max pooling of windows of one feature map.
+
+    Args:
+        fmap (Tensor[C, H, W]): one image's feature map (e.g. conv5), float32 or float16
+            (any floating dtype), on any device.
+        cells (LongTensor[N, 4]): inclusive cell windows ``(x1, y1, x2, y2)`` with
+            ``0 <= x1 <= x2 < W`` and ``0 <= y1 <= y2 < H`` (see
+            :func:`sppcli.ops.geometry.window_to_cells`), on ``fmap``'s device.
+        levels: pyramid levels; level ``n`` pools the window into ``n x n`` adaptive bins.
+        _dedup: pool windows with identical cells once (internal switch for benchmarks).
+
+    Returns:
+        Tensor[N, C * sum(n * n)], ``fmap``'s dtype and device. Row ``k`` equals
+        ``torch.cat([F.adaptive_max_pool2d(fmap[:, y1:y2+1, x1:x2+1], n).flatten()
+        for n in levels])`` for ``cells[k]``: per level, channel-major, then bin row, then bin
+        column. ``N = 0`` gives shape ``[0, D]``.
+
+    Raises:
+        ValueError: on a malformed map, cells outside the map or non-positive levels.
+    """
+    _check_inputs(fmap, cells, levels)
+    channels = fmap.shape[0]
+    if cells.shape[0] == 0:
+        return fmap.new_empty((0, pooled_dim(channels, levels)))
+    cells = cells.to(device=fmap.device, dtype=torch.long)
+    if not _dedup:
+        return _pool_unique(fmap, cells, levels)
+    unique_cells, inverse = torch.unique(cells, dim=0, return_inverse=True)
+    if unique_cells.shape[0] == cells.shape[0]:
+        # No duplicates: pooling in the original order avoids a full reordering copy.
+        return _pool_unique(fmap, cells, levels)
+    return _pool_unique(fmap, unique_cells, levels).index_select(0, inverse)

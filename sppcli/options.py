@@ -1,0 +1,90 @@
+"""Options shared by every stage command; each means the same thing everywhere."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from sppcli.artifacts import ArtifactError, ArtifactStore
+from sppcli.config import ConfigError, load_config
+
+
+def _common(f):
+    options = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Pipeline TOML (pipelines/voc2007.toml, pipelines/demo.toml)."),
+        click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                     help="Override one config value, e.g. --set svm.C=0.001 (repeatable)."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cache"),
+                     show_default=True, help="Artifact root."),
+        click.option("-v", "--verbose", count=True, help="More logging (-vv for debug)."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bars, warnings only."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def stage_options(split: bool = True, runtime: bool = True):
+    """Decorator adding the shared options of a stage command."""
+
+    def decorate(f):
+        f = _common(f)
+        f = click.option("--force", is_flag=True, help="Run again even if an up-to-date artifact exists.")(f)
+        f = click.option("--json", "as_json", is_flag=True, help="Print the stage's manifest as JSON on stdout.")(f)
+        if split:
+            f = click.option("--split", default=None,
+                             help="ImageSets/Main split (default: the config's train or test split).")(f)
+        if runtime:
+            f = click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")(f)
+            f = click.option("--workers", type=int, default=1, show_default=True,
+                             help="Local processes (or DataLoader workers for the net stages).")(f)
+            f = click.option("--scheduler", default=None, metavar="tcp://HOST:8786",
+                             help="Run per-image work on this Dask cluster.")(f)
+        return f
+
+    return decorate
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    import os
+
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    if quiet:
+        os.environ["SPPCLI_NO_PROGRESS"] = "1"
+
+
+def friendly_errors(f):
+    """Turn the library's expected errors into one clear line and exit status 1, not a traceback."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        from sppcli.data.voc import VocError
+
+        try:
+            return f(*args, **kwargs)
+        except (ConfigError, ArtifactError, VocError, FileNotFoundError, ValueError, RuntimeError) as e:
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def make_planner(config_path, overrides, cache_dir, extra_overrides=()):
+    from sppcli.pipeline import Planner
+
+    config = load_config(config_path, list(overrides) + list(extra_overrides))
+    return Planner(ArtifactStore(cache_dir), config)
+
+
+def emit(manifest, as_json: bool, summary: str) -> None:
+    """Machine-readable manifest on stdout with --json; a one-line human summary on stderr."""
+    if as_json:
+        click.echo(json.dumps(manifest.to_json(), indent=2, sort_keys=True, default=str))
+    click.echo(summary, err=True)

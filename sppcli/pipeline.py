@@ -1,0 +1,275 @@
+"""The stage graph: which params and upstream artifacts make each stage's key.
+
+A :class:`Plan` is what a stage *would* produce from a config: its key chains the keys its
+upstream plans would have, so ``sppcli status`` can say that a detection is stale because the
+SVM params changed three stages up, and a stage run finds its inputs by key rather than by a
+mutable "latest" pointer (two SVM variants can live side by side, as Table 6 needs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+from sppcli.artifacts import ArtifactError, ArtifactStore, Manifest, StageState, stage_key
+from sppcli.config import Config, as_dict
+
+# stage name -> CLI command that makes it (for "run this next" hints)
+COMMANDS = {
+    "proposals": "sppcli proposals",
+    "pretrain": "sppcli pretrain",
+    "features": "sppcli extract-features",
+    "pool": "sppcli pool-windows",
+    "finetune": "sppcli finetune-fc",
+    "svm": "sppcli train-svm",
+    "bbox_reg": "sppcli train-bbox-reg",
+    "detect": "sppcli detect",
+    "evaluate": "sppcli evaluate",
+    "classify": "sppcli classify",
+}
+
+# Bump when a stage's output for the same inputs changes (a bug fix, a new field).
+VERSIONS = {
+    "proposals": 1,
+    "pretrain": 1,
+    "features": 1,
+    "pool": 1,
+    "finetune": 1,
+    "svm": 1,
+    "bbox_reg": 1,
+    "detect": 1,
+    "evaluate": 1,
+    "classify": 1,
+}
+
+PER_IMAGE = {"proposals", "features", "pool", "detect"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    stage: str
+    split: str
+    dataset: str  # artifact dataset name, e.g. "VOC2007_test"
+    params: dict
+    upstream: Mapping[str, "Plan"]
+    external: Mapping[str, str]
+
+    @property
+    def version(self) -> int:
+        return VERSIONS[self.stage]
+
+    @property
+    def upstream_keys(self) -> dict[str, str]:
+        return {role: p.key for role, p in self.upstream.items()}
+
+    @property
+    def key(self) -> str:
+        return stage_key(self.stage, self.version, self.params, self.upstream_keys, self.external)
+
+    @property
+    def command(self) -> str:
+        return f"{COMMANDS[self.stage]} --split {self.split}"
+
+
+def open_dataset(config: Config, split: str):
+    from sppcli.data.voc import VocDataset
+
+    return VocDataset(Path(config.dataset.devkit), split, config.dataset.classes or None)
+
+
+class Planner:
+    """Builds plans from one config; memoises datasets and external digests."""
+
+    def __init__(self, store: ArtifactStore, config: Config):
+        self.store = store
+        self.config = config
+        self._datasets: dict[str, object] = {}
+        self._digests: dict[str, str] = {}
+
+    def with_overrides(self, overrides) -> "Planner":
+        """A planner for this config plus ``section.key=value`` overrides, sharing the memos."""
+        from sppcli.config import with_overrides
+
+        other = Planner(self.store, with_overrides(self.config, overrides, "variant"))
+        other._datasets, other._digests = self._datasets, self._digests
+        return other
+
+    def dataset(self, split: str):
+        if split not in self._datasets:
+            self._datasets[split] = open_dataset(self.config, split)
+        return self._datasets[split]
+
+    def dataset_digest(self, split: str) -> str:
+        """Digest of the split's image list and its annotations (what ground truth depends on)."""
+        if split not in self._digests:
+            ds = self.dataset(split)
+            self._digests[split] = self.store.digests.files(ds.external_files(), base=ds.devkit)
+        return self._digests[split]
+
+    def weights_digest(self, path: str) -> str:
+        return self.store.digests.file(Path(path))
+
+    def split_of(self, role: str) -> str:
+        return self.config.dataset.train_split if role == "train" else self.config.dataset.test_split
+
+    def plan(self, stage: str, split: str | None = None) -> Plan:
+        c = self.config
+        train = c.dataset.train_split
+        split = split or (c.dataset.test_split if stage in ("detect", "evaluate") else train)
+        ds = self.dataset(split)
+        external: dict[str, str] = {}
+        upstream: dict[str, Plan] = {}
+        classes = list(ds.classes)
+        if stage == "proposals":
+            params = as_dict(c.proposals)
+            external["dataset"] = self.dataset_digest(split)
+        elif stage == "pretrain":
+            split = train
+            ds = self.dataset(split)
+            params = {"net": as_dict(c.net), "pretrain": as_dict(c.pretrain), "classes": classes}
+            external["dataset"] = self.dataset_digest(split)
+            if c.pretrain.source == "folder":
+                folder = Path(c.pretrain.folder)
+                external["folder"] = self.store.digests.files(
+                    [p for p in folder.rglob("*") if p.is_file()], base=folder)
+        elif stage == "features":
+            params = {"net": as_dict(c.net), "features": as_dict(c.features)}
+            external["dataset"] = self.dataset_digest(split)
+            if c.features.weights:
+                external["weights"] = self.weights_digest(c.features.weights)
+            else:
+                upstream["pretrain"] = self.plan("pretrain")
+        elif stage == "pool":
+            params = {"pool": as_dict(c.pool), "classes": classes}
+            upstream["proposals"] = self.plan("proposals", split)
+            upstream["features"] = self.plan("features", split)
+            external["dataset"] = self.dataset_digest(split)
+        elif stage == "finetune":
+            params = as_dict(c.finetune)
+            upstream["pool"] = self.plan("pool", train)
+            upstream["features"] = self.plan("features", train)
+        elif stage == "svm":
+            params = as_dict(c.svm)
+            upstream["pool"] = self.plan("pool", train)
+            upstream["features"] = self.plan("features", train)
+            if c.svm.finetuned and c.svm.layer != "pool5":
+                upstream["finetune"] = self.plan("finetune")
+        elif stage == "bbox_reg":
+            params = as_dict(c.bbox_reg)
+            upstream["pool"] = self.plan("pool", train)
+        elif stage == "detect":
+            params = as_dict(c.detect)
+            upstream["pool"] = self.plan("pool", split)
+            upstream["svm"] = self.plan("svm")
+            if c.detect.bbox_reg:
+                upstream["bbox_reg"] = self.plan("bbox_reg")
+        elif stage == "evaluate":
+            params = as_dict(c.evaluate)
+            upstream["detect"] = self.plan("detect", split)
+            external["dataset"] = self.dataset_digest(split)
+        elif stage == "classify":
+            params = {"classify": as_dict(c.classify), "classes": classes}
+            upstream["features_net"] = self.plan("features", train)
+            external["train"] = self.dataset_digest(train)
+            external["test"] = self.dataset_digest(c.dataset.test_split)
+        else:
+            raise ValueError(f"unknown stage {stage!r}; known: {', '.join(VERSIONS)}")
+        return Plan(stage=stage, split=split, dataset=ds.name, params=params, upstream=upstream,
+                    external=external)
+
+    # -- resolution and execution
+
+    def upstream_manifests(self, plan: Plan) -> dict[str, Manifest]:
+        """The complete artifacts ``plan`` reads, or an error naming the command that makes each."""
+        out = {}
+        for role, up in plan.upstream.items():
+            m = self.store.manifest(up.stage, up.dataset, up.key)
+            if m is None or not m.complete:
+                st = self.state(up)
+                why = "; ".join(st.reasons) if st.reasons else st.state
+                raise ArtifactError(
+                    f"{plan.stage} needs a complete {up.stage} artifact for {up.dataset} ({why}); "
+                    f"run `{up.command}` with the same --config/--set first")
+            out[role] = m
+        return out
+
+    def state(self, plan: Plan) -> StageState:
+        total = len(self.dataset(plan.split)) if plan.stage in PER_IMAGE else None
+        return self.store.state(plan.stage, plan.dataset, plan.key, plan.version, plan.params,
+                                plan.upstream_keys, plan.external, total_items=total)
+
+
+def execute(planner: Planner, plan: Plan, run: Callable[[dict[str, Manifest], "object"], Manifest],
+            force: bool = False, log: Callable[[str], None] | None = None) -> tuple[Manifest, bool]:
+    """Run ``plan`` unless a complete artifact with its key exists. Returns (manifest, ran).
+
+    ``run(upstream_manifests, stage_run)`` does the work and returns ``stage_run.finish(...)``.
+    A partial run directory with the same key is resumed (its finished items are kept).
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    store = planner.store
+    existing = store.manifest(plan.stage, plan.dataset, plan.key)
+    if existing is not None and existing.complete and not force:
+        log(f"{plan.stage} {plan.dataset}: up to date ({plan.key[:12]})")
+        return existing, False
+    state = planner.state(plan)
+    upstream = planner.upstream_manifests(plan)
+    if force:
+        log(f"{plan.stage} {plan.dataset}: --force, running again")
+    else:
+        log(f"{plan.stage} {plan.dataset}: running ({'; '.join(state.reasons) or state.state})")
+    out = store.begin(plan.stage, plan.dataset, plan.version, plan.params, plan.upstream_keys,
+                      plan.external, force=force)
+    t0 = time.time()
+    manifest = run(upstream, out)
+    log(f"{plan.stage} {plan.dataset}: done in {time.time() - t0:.1f}s -> {manifest.dir}")
+    return manifest, True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How to run, not what to compute: none of these enter a key."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    workers: int = 1
+    scheduler: str | None = None  # tcp://host:8786 -> Dask cluster through joblib
+
+
+def run_stage(planner: Planner, module, plan: Plan, options: RunOptions = RunOptions(),
+              force: bool = False, log: Callable[[str], None] | None = None) -> tuple[Manifest, bool]:
+    """Run one stage module (``sppcli.stages.<name>``) for ``plan`` through :func:`execute`.
+
+    A stage module exposes ``VERSION``, ``Params``, ``params_from(config)``, an ``Inputs``
+    dataclass, ``inputs_for(planner, plan, upstream, options)`` and ``run(params, inputs, out)``.
+    """
+    if module.VERSION != plan.version:  # pragma: no cover - a developer error
+        raise RuntimeError(f"{module.__name__}.VERSION {module.VERSION} != pipeline {plan.version}")
+
+    def _run(upstream, out):
+        inputs = module.inputs_for(planner, plan, upstream, options)
+        return module.run(module.params_from(planner.config), inputs, out)
+
+    return execute(planner, plan, _run, force=force, log=log)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+    return device
+
+
+# The rows of the paper's Table 6, as config overrides on top of a pipeline config.
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "pool5": ("svm.layer=\"pool5\"", "svm.finetuned=false", "detect.bbox_reg=false"),
+    "fc6": ("svm.layer=\"fc6\"", "svm.finetuned=false", "detect.bbox_reg=false"),
+    "ftfc6": ("svm.layer=\"fc6\"", "svm.finetuned=true", "detect.bbox_reg=false"),
+    "ftfc7": ("svm.layer=\"fc7\"", "svm.finetuned=true", "detect.bbox_reg=false"),
+    "ftfc7bb": ("svm.layer=\"fc7\"", "svm.finetuned=true", "detect.bbox_reg=true"),
+}
+VARIANT_LABELS = {"pool5": "pool5", "fc6": "fc6", "ftfc6": "ftfc6", "ftfc7": "ftfc7", "ftfc7bb": "ftfc7 bb"}

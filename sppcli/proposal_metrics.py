@@ -1,0 +1,91 @@
+"""How well a set of proposal windows covers the ground truth: best overlaps, recall, MABO.
+
+The measures of Uijlings et al. (IJCV 2013, section 5.1) used to judge selective search:
+
+- the *best overlap* of a ground-truth box is its largest IoU with any proposal of its image;
+- *recall at t* is the fraction of ground-truth boxes whose best overlap is at least ``t``;
+- the *ABO* of a class is the mean best overlap of that class's ground-truth boxes, and the
+  *MABO* is the mean of the ABOs over the classes that have ground truth.
+
+Boxes are in the project's internal convention: float ``(x1, y1, x2, y2)``, 0-based continuous
+pixel edges (so IoUs equal the VOC devkit's "+1" IoUs).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from sppcli.ops.boxes import box_iou
+
+__all__ = ["best_overlaps", "recall_at", "mabo", "mean_best_overlap", "per_class_recall"]
+
+
+def best_overlaps(gt_boxes: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Largest IoU of each ground-truth box with any proposal.
+
+    Args:
+        gt_boxes: float ``[G, 4]`` internal ``(x1, y1, x2, y2)``.
+        boxes: float ``[N, 4]`` internal ``(x1, y1, x2, y2)`` proposals of the same image.
+    Returns:
+        float64 ``[G]``; all zeros when ``N == 0``.
+    """
+    gt = torch.as_tensor(np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4))
+    props = torch.as_tensor(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+    if gt.shape[0] == 0 or props.shape[0] == 0:
+        return np.zeros(gt.shape[0], dtype=np.float64)
+    return box_iou(gt, props).max(dim=1).values.numpy()
+
+
+def recall_at(best: np.ndarray, threshold: float) -> float:
+    """Fraction of ground-truth boxes with best overlap ``>= threshold``; NaN when there are none.
+
+    Args:
+        best: float ``[G]`` best overlaps, e.g. from :func:`best_overlaps` over a whole split.
+    """
+    best = np.asarray(best, dtype=np.float64).reshape(-1)
+    if best.size == 0:
+        return float("nan")
+    return float(np.mean(best >= threshold))
+
+
+def mean_best_overlap(best: np.ndarray) -> float:
+    """Plain mean of the best overlaps over all ground-truth boxes (every box weighs the same)."""
+    best = np.asarray(best, dtype=np.float64).reshape(-1)
+    return float(best.mean()) if best.size else float("nan")
+
+
+def mabo(best: np.ndarray, labels: np.ndarray) -> float:
+    """Mean Average Best Overlap: the mean over classes of each class's mean best overlap.
+
+    Args:
+        best: float ``[G]`` best overlaps.
+        labels: int ``[G]`` class index of each ground-truth box.
+    Returns:
+        The mean over the classes present in ``labels`` (classes without ground truth do not
+        count); NaN when ``G == 0``.
+    """
+    best = np.asarray(best, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    if best.shape != labels.shape:
+        raise ValueError(f"best {best.shape} and labels {labels.shape} must have the same shape")
+    if best.size == 0:
+        return float("nan")
+    return float(np.mean([best[labels == c].mean() for c in np.unique(labels)]))
+
+
+def per_class_recall(best: np.ndarray, labels: np.ndarray, classes: Sequence[str],
+                     threshold: float = 0.5) -> dict[str, dict]:
+    """Recall at ``threshold`` and ABO of every class: ``{name: {"n_gt", "recall", "abo"}}``.
+
+    A class without ground truth gets ``n_gt = 0`` and NaN recall and ABO.
+    """
+    best = np.asarray(best, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    out = {}
+    for index, name in enumerate(classes):
+        mine = best[labels == index]
+        out[name] = {"n_gt": int(mine.size), "recall": recall_at(mine, threshold),
+                     "abo": mean_best_overlap(mine)}
+    return out

@@ -1,0 +1,332 @@
+"""Stage "proposals": selective-search windows for every image of a split (paper section 4.1).
+
+The paper uses selective search's "fast" mode, about 2,000 windows per image. Here the windows
+come from OpenCV's ximgproc implementation (``opencv-contrib-python-headless``), or, when
+``proposals.imported`` names a file, from boxes the user already has (:mod:`sppcli.proposal_import`).
+
+Output: one HDF5 item per image, ``items/<id>.h5``, holding ``boxes`` float32 ``[N, 4]`` in the
+internal convention (0-based continuous pixel edges ``(x1, y1, x2, y2)`` of the original image,
+in OpenCV's ranking order) with attributes ``width``, ``height`` (stored pixels) and ``seconds``
+(time spent on that image in its worker). The manifest's metrics say how well the windows cover
+the split's non-difficult ground truth: recall at IoU 0.5 / 0.7 and MABO (Uijlings et al.).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import functools
+import logging
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import cv2
+import h5py
+import numpy as np
+
+from sppcli.artifacts import Manifest, StageRun, atomic_path
+from sppcli.config import Config, ProposalParams
+from sppcli.parallel import map_images, progress
+from sppcli.pipeline import VERSIONS
+from sppcli.proposal_metrics import best_overlaps, mabo, mean_best_overlap, per_class_recall, recall_at
+
+VERSION = VERSIONS["proposals"]
+Params = ProposalParams
+MODES = ("fast", "quality", "single")
+RECALL_THRESHOLDS = (0.5, 0.7)
+
+log = logging.getLogger(__name__)
+
+
+def params_from(config: Config) -> ProposalParams:
+    return config.proposals
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The split to propose windows for, and how to spread the per-image work."""
+
+    dataset: Any  # sppcli.data.voc.VocDataset
+    workers: int = 1
+    scheduler: str | None = None
+
+
+def inputs_for(planner, plan, upstream: Mapping[str, Manifest], options) -> Inputs:
+    return Inputs(dataset=planner.dataset(plan.split), workers=options.workers, scheduler=options.scheduler)
+
+
+def check_params(params: ProposalParams) -> None:
+    """Raise ValueError naming the bad field and what it accepts."""
+    if params.mode not in MODES:
+        raise ValueError(f"proposals.mode must be one of {', '.join(MODES)}, got {params.mode!r}")
+    if params.max_boxes < 1:
+        raise ValueError(f"proposals.max_boxes must be >= 1, got {params.max_boxes}")
+    if params.min_size < 0:
+        raise ValueError(f"proposals.min_size must be >= 0, got {params.min_size}")
+    if params.max_side < 16:
+        raise ValueError(f"proposals.max_side must be >= 16, got {params.max_side}")
+
+
+# ---------------------------------------------------------------------------------------------
+# selective search on one image
+
+# OpenCV ranks regions by ``rand() * level`` with the C library's global, never-seeded rand(),
+# so the same image gives different boxes depending on how many images the process saw before.
+# Seeding rand() right before each run makes the boxes a pure function of the image; the lock
+# keeps threads of one process (a Dask worker's thread pool) from interleaving their draws.
+_RAND_SEED = 1  # glibc's own initial state, so a fresh process's first image is unchanged
+_rand_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _c_srand():
+    names = ["ucrtbase", "msvcrt"] if sys.platform == "win32" else [ctypes.util.find_library("c")]
+    for name in names:
+        with contextlib.suppress(OSError, AttributeError, TypeError):
+            return ctypes.CDLL(name).srand
+    log.warning("cannot reach the C library's srand(): selective search boxes will vary between runs")
+    return None
+
+
+def _segmentation(image_bgr: np.ndarray, mode: str) -> np.ndarray:
+    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    ss.setBaseImage(image_bgr)
+    if mode == "fast":
+        ss.switchToSelectiveSearchFast()
+    elif mode == "quality":
+        ss.switchToSelectiveSearchQuality()
+    elif mode == "single":
+        ss.switchToSingleStrategy()
+    else:
+        raise ValueError(f"proposals.mode must be one of {', '.join(MODES)}, got {mode!r}")
+    srand = _c_srand()
+    with _rand_lock:
+        if srand is not None:
+            srand(_RAND_SEED)
+        rects = ss.process()
+    return np.asarray(rects, dtype=np.float64).reshape(-1, 4)
+
+
+def clean_boxes(boxes: np.ndarray, width: int, height: int, min_size: float, max_boxes: int,
+                round_to_pixels: bool) -> np.ndarray:
+    """Clip, drop small boxes, drop exact duplicates and keep the first ``max_boxes``.
+
+    Args:
+        boxes: float ``[N, 4]`` internal ``(x1, y1, x2, y2)`` in ranking order.
+        width, height: image size in pixels; boxes are clipped to ``(0, 0, width, height)``.
+        min_size: boxes whose width or height is below this (pixels) are dropped; boxes without
+            area are always dropped.
+        round_to_pixels: round the coordinates to whole pixel edges first (duplicates are then
+            judged on the rounded boxes).
+    Returns:
+        float32 ``[M, 4]``, M <= max_boxes, in the input's order (first occurrence kept).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    boxes = np.clip(boxes, 0.0, [width, height, width, height])
+    if round_to_pixels:
+        boxes = np.round(boxes)
+    sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    boxes = boxes[(sides > 0) & (sides >= min_size)]
+    if len(boxes):
+        _, first = np.unique(boxes, axis=0, return_index=True)
+        boxes = boxes[np.sort(first)]
+    return boxes[:max_boxes].astype(np.float32)
+
+
+def selective_search(image_rgb: np.ndarray, mode: str = "fast", max_boxes: int = 2000,
+                     min_size: float = 16, max_side: int = 500) -> np.ndarray:
+    """Selective-search windows of one image, in OpenCV's ranking order.
+
+    The image is shrunk (area interpolation) so that its longer side is at most ``max_side``
+    for the segmentation only; windows are mapped back to the original pixel grid, clipped,
+    rounded to whole pixels, filtered by ``min_size`` (original pixels), de-duplicated and cut
+    to ``max_boxes``. Deterministic: the same pixels give the same boxes in any process.
+
+    Args:
+        image_rgb: uint8 ``[H, W, 3]`` RGB.
+    Returns:
+        float32 ``[N, 4]`` internal ``(x1, y1, x2, y2)``, 0-based continuous pixel edges.
+    """
+    image_rgb = np.asarray(image_rgb)
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 [H, W, 3] RGB image, got {image_rgb.dtype} {image_rgb.shape}")
+    height, width = image_rgb.shape[:2]
+    bgr = np.ascontiguousarray(image_rgb[:, :, ::-1])
+    factor = min(1.0, max_side / max(width, height))
+    if factor < 1.0:
+        small_w, small_h = max(1, round(width * factor)), max(1, round(height * factor))
+        bgr = cv2.resize(bgr, (small_w, small_h), interpolation=cv2.INTER_AREA)
+    else:
+        small_w, small_h = width, height
+    rects = _segmentation(bgr, mode)
+    # OpenCV's Rect (x, y, w, h) covers pixels x .. x+w-1, i.e. continuous [x, x+w).
+    boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
+    boxes *= [width / small_w, height / small_h, width / small_w, height / small_h]
+    return clean_boxes(boxes, width, height, min_size, max_boxes, round_to_pixels=True)
+
+
+def write_proposal_item(path: Path, boxes: np.ndarray, width: int, height: int, seconds: float,
+                        source: str) -> None:
+    """Atomically write one proposals item (the schema every proposals artifact shares)."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("boxes", data=boxes)
+            f.attrs["width"] = int(width)
+            f.attrs["height"] = int(height)
+            f.attrs["seconds"] = float(seconds)
+            f.attrs["source"] = source
+
+
+def read_proposal_item(path: Path) -> tuple[np.ndarray, dict]:
+    """``(boxes float32 [N, 4], attrs)`` of one proposals item."""
+    with h5py.File(path, "r") as f:
+        return f["boxes"][()].reshape(-1, 4), {k: v for k, v in f.attrs.items()}
+
+
+def _propose_image(task: tuple[str, str, str], mode: str, max_boxes: int, min_size: int,
+                   max_side: int) -> dict:
+    """Worker: load one image, run selective search, write its item. Returns a small summary."""
+    from sppcli.data.voc import load_rgb
+
+    image_id, image_path, item_path = task
+    started = time.perf_counter()
+    image = load_rgb(Path(image_path))  # VocError names the file when it cannot be decoded
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # SS is single-threaded; parallelism comes from one process per image
+    try:
+        boxes = selective_search(image, mode, max_boxes, min_size, max_side)
+    except cv2.error as exc:
+        raise RuntimeError(f"{image_path}: selective search failed ({exc})") from exc
+    finally:
+        cv2.setNumThreads(threads)
+    seconds = time.perf_counter() - started
+    write_proposal_item(Path(item_path), boxes, image.shape[1], image.shape[0], seconds,
+                        f"selective_search:{mode}")
+    return {"image_id": image_id, "n_boxes": int(len(boxes)), "seconds": seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def run(params: ProposalParams, inputs: Inputs, out: StageRun) -> Manifest:
+    check_params(params)
+    dataset = inputs.dataset
+    if params.imported:
+        from sppcli.proposal_import import import_proposals, parse_convention
+
+        fmt, one_based, order = parse_convention(params.imported, params.imported_convention)
+        summary = import_proposals(Path(params.imported), dataset, out, fmt=fmt,
+                                   one_based_inclusive=one_based, order=order,
+                                   min_size=params.min_size, max_boxes=params.max_boxes)
+        source = {"source": "imported", "imported": str(Path(params.imported).resolve()), **summary}
+    else:
+        pending = out.pending(dataset.ids)
+        if len(pending) < len(dataset):
+            log.info("proposals: %d of %d images already done, resuming", len(dataset) - len(pending), len(dataset))
+        tasks = [(i, str(dataset.image_path(i)), str(out.item_path(i))) for i in pending]
+        worker = functools.partial(_propose_image, mode=params.mode, max_boxes=params.max_boxes,
+                                   min_size=params.min_size, max_side=params.max_side)
+        map_images(worker, tasks, workers=inputs.workers, scheduler=inputs.scheduler,
+                   desc=f"proposals {dataset.name}")
+        source = {"source": "selective_search", "mode": params.mode}
+    metrics = {**source, **proposal_metrics(dataset, out.items_dir)}
+    if metrics["empty_images"]:
+        log.warning("proposals: %d image(s) have no window left after filtering (e.g. %s); "
+                    "lower proposals.min_size to keep smaller windows",
+                    metrics["empty_images"], ", ".join(metrics["empty_image_ids"]))
+    timings = {}
+    if metrics["seconds_per_image"] is not None:
+        timings["seconds_per_image"] = metrics["seconds_per_image"]
+    return out.finish(metrics=metrics, timings=timings, n_items=len(dataset))
+
+
+def _json_number(value: float, digits: int = 4) -> float | None:
+    """NaN (no ground truth) becomes null so the manifest stays standard JSON."""
+    return None if value is None or math.isnan(value) else round(float(value), digits)
+
+
+def proposal_metrics(dataset, items_dir: Path) -> dict:
+    """Coverage of the split's non-difficult ground truth by the windows under ``items_dir``.
+
+    Returns a JSON-able dict: ``n_images``, ``mean_boxes`` (per image), ``min_boxes``,
+    ``max_boxes``, ``empty_images`` (+ up to 5 ``empty_image_ids``), ``n_gt``,
+    ``recall@0.5``, ``recall@0.7``, ``mabo`` (mean over classes of the per-class mean best
+    overlap), ``mean_best_overlap`` (over all ground-truth boxes), ``per_class``
+    (``{name: {n_gt, recall (at 0.5), abo}}``), ``seconds_per_image`` (mean of the per-image
+    worker seconds; null for imported boxes) and ``ground_truth`` (what was counted).
+    """
+    counts, seconds, best, labels, empty = [], [], [], [], []
+    for image_id in progress(dataset.ids, total=len(dataset), desc="proposal recall"):
+        boxes, attrs = read_proposal_item(Path(items_dir) / f"{image_id}.h5")
+        counts.append(len(boxes))
+        if not len(boxes):
+            empty.append(image_id)
+        if str(attrs.get("source", "")).startswith("selective_search"):
+            seconds.append(float(attrs["seconds"]))
+        gt = dataset.ground_truth(image_id)
+        keep = ~gt.difficult
+        best.append(best_overlaps(gt.boxes[keep], boxes))
+        labels.append(gt.labels[keep])
+    best_all = np.concatenate(best) if best else np.zeros(0)
+    labels_all = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+    per_class = per_class_recall(best_all, labels_all, dataset.classes, RECALL_THRESHOLDS[0])
+    metrics = {
+        "n_images": len(counts),
+        "mean_boxes": _json_number(np.mean(counts) if counts else float("nan"), 2),
+        "min_boxes": int(min(counts)) if counts else 0,
+        "max_boxes": int(max(counts)) if counts else 0,
+        "empty_images": len(empty),
+        "empty_image_ids": empty[:5],
+        "n_gt": int(best_all.size),
+        "ground_truth": "non-difficult objects of the split's classes",
+        "mabo": _json_number(mabo(best_all, labels_all)),
+        "mean_best_overlap": _json_number(mean_best_overlap(best_all)),
+        "seconds_per_image": _json_number(np.mean(seconds), 4) if seconds else None,
+        "per_class": {name: {"n_gt": v["n_gt"], "recall": _json_number(v["recall"]),
+                             "abo": _json_number(v["abo"])} for name, v in per_class.items()},
+    }
+    for threshold in RECALL_THRESHOLDS:
+        metrics[f"recall@{threshold}"] = _json_number(recall_at(best_all, threshold))
+    return metrics
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100.0 * value:.1f}%"
+
+
+def _fixed(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_recall_table(metrics: Mapping[str, Any], title: str) -> str:
+    """A small text table of a proposals manifest's metrics (overall, then recall per class)."""
+    source = metrics.get("source", "selective_search")
+    how = f"selective search, {metrics['mode']} mode" if source == "selective_search" else "imported boxes"
+    seconds = metrics.get("seconds_per_image")
+    lines = [
+        f"{title} ({how})",
+        f"  images                {metrics['n_images']}"
+        + (f"  ({metrics['empty_images']} without windows)" if metrics.get("empty_images") else ""),
+        f"  windows per image     {_fixed(metrics['mean_boxes'], 1)}  (min {metrics['min_boxes']}, max {metrics['max_boxes']})",
+        f"  ground truth          {metrics['n_gt']} boxes ({metrics.get('ground_truth', 'non-difficult')})",
+    ]
+    for threshold in RECALL_THRESHOLDS:
+        lines.append(f"  recall @ IoU {threshold:<8} {_percent(metrics.get(f'recall@{threshold}'))}")
+    lines += [
+        f"  MABO                  {_fixed(metrics['mabo'])}  (mean best overlap over all boxes {_fixed(metrics['mean_best_overlap'])})",
+        f"  seconds per image     {_fixed(seconds, 3) if seconds is not None else '-'}",
+    ]
+    per_class = metrics.get("per_class") or {}
+    if per_class:
+        width = max(8, max(len(name) for name in per_class))
+        lines.append(f"  {'class':<{width}}  {'n_gt':>6}  {'recall@0.5':>10}  {'ABO':>6}")
+        for name, row in per_class.items():
+            lines.append(f"  {name:<{width}}  {row['n_gt']:>6}  {_percent(row['recall']):>10}  {_fixed(row['abo']):>6}")
+    return "\n".join(lines)

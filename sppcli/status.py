@@ -1,0 +1,65 @@
+"""`sppcli status`: the state of every stage of a pipeline, from its config."""
+from __future__ import annotations
+
+from sppcli.pipeline import VARIANT_LABELS, VARIANTS, Planner
+
+
+def _rows_for(planner: Planner, variants) -> list[tuple[str, str, str]]:
+    """(stage, split, variant) in pipeline order; shared stages once, variant stages per variant."""
+    c = planner.config
+    train, test = c.dataset.train_split, c.dataset.test_split
+    rows = [("proposals", train, ""), ("proposals", test, "")]
+    if not c.features.weights:
+        rows.append(("pretrain", train, ""))
+    rows += [("features", train, ""), ("features", test, ""), ("pool", train, ""), ("pool", test, ""),
+             ("finetune", train, ""), ("bbox_reg", train, "")]
+    for v in variants:
+        rows += [("svm", train, v), ("detect", test, v), ("evaluate", test, v)]
+    return rows
+
+
+def pipeline_status(planner: Planner, variants=None) -> list[dict]:
+    """One dict per stage run the config implies: stage, dataset, variant, state, reasons, items, size."""
+    variants = list(variants or VARIANTS)
+    out = []
+    seen = set()
+    for stage, split, variant in _rows_for(planner, variants):
+        p = planner
+        if variant:
+            p = planner.with_overrides(VARIANTS[variant])
+        try:
+            plan = p.plan(stage, split)
+        except (OSError, ValueError) as e:
+            out.append({"stage": stage, "split": split, "variant": VARIANT_LABELS.get(variant, ""),
+                        "state": "error", "reasons": [str(e)]})
+            continue
+        if (stage, plan.key) in seen:  # e.g. the bbox regressors are shared by all rows
+            continue
+        seen.add((stage, plan.key))
+        st = p.state(plan)
+        out.append({"stage": stage, "dataset": plan.dataset, "split": split,
+                    "variant": VARIANT_LABELS.get(variant, ""), "key": plan.key[:12], "state": st.state,
+                    "reasons": list(st.reasons), "done_items": st.done_items, "total_items": st.total_items,
+                    "size_bytes": st.size_bytes, "command": plan.command})
+    return out
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def format_status(rows: list[dict]) -> str:
+    lines = [f"{'stage':<10} {'dataset':<24} {'variant':<9} {'state':<9} {'size':>9}  detail"]
+    for r in rows:
+        detail = "; ".join(r.get("reasons", []))
+        if r["state"] == "complete" and r.get("total_items"):
+            detail = f"{r['total_items']} images"
+        if r["state"] in ("missing", "stale", "partial") and r.get("command"):
+            detail = f"{detail}  -> {r['command']}"
+        lines.append(f"{r['stage']:<10} {r.get('dataset', r['split']):<24} {r.get('variant', ''):<9} "
+                     f"{r['state']:<9} {_size(r.get('size_bytes', 0)):>9}  {detail}")
+    return "\n".join(lines)
