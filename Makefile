@@ -7,7 +7,7 @@ VENV       ?= .venv
 #   make install TORCH_SPEC="torch==2.13.0 --index-url <PyTorch CUDA wheel index URL>"
 TORCH_SPEC ?= torch==2.13.0
 BIN        := $(VENV)/bin
-SPP        := $(BIN)/sppcli
+SPP        ?= $(BIN)/sppcli
 STAMP      := $(VENV)/.sppcli-installed
 CACHE      ?= cache
 WORKERS    ?= 2
@@ -70,11 +70,15 @@ NET      ?= zf5
 SCALES   ?= 1
 VOC_SCALES_1 := 688
 VOC_SCALES_5 := 480,576,688,864,1200
+# VOC_EXTRA: more options for every stage, e.g. VOC_EXTRA="--set dataset.classes=[\"elephant\"]".
+VOC_EXTRA ?=
+# SETUP: the prerequisite that installs sppcli; tests run the target with SETUP= and SPP=...
+SETUP ?= install
 VOC := --config pipelines/voc2007.toml --cache-dir $(CACHE) --set 'dataset.devkit="$(VOC_ROOT)"' \
        --set 'net.trunk="$(NET)"' --set 'features.weights="$(abspath $(WEIGHTS))"' \
-       --set features.scales=[$(VOC_SCALES_$(SCALES))]
+       --set features.scales=[$(VOC_SCALES_$(SCALES))] $(VOC_EXTRA)
 
-voc2007-detect: install
+voc2007-detect: $(SETUP)
 	@test -n "$(VOC_ROOT)" || { echo "set VOC_ROOT=/path/to/VOCdevkit/VOC2007"; exit 2; }
 	@test -n "$(WEIGHTS)" || { echo "set WEIGHTS=/path/to/weights (.pt from sppcli pretrain, or torchvision .pth)"; exit 2; }
 	$(SPP) proposals $(VOC) --split trainval --workers $(WORKERS)

@@ -106,7 +106,10 @@ def make_dataset_cmd(out, seed, trainval, test, size, **kw):
     info = make_embedded_dataset(planner.config, force=kw["force"])
     if kw["as_json"]:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
-    click.echo(f"dataset {info['devkit']}: {info['summary']}", err=True)
+    summary = info["summary"]
+    state = "up to date" if info["up_to_date"] else f"written in {info['seconds']:.1f}s"
+    click.echo(f"make-dataset {info['devkit']}: {state}; images per split {summary['images']}, "
+               f"{len(summary['classes'])} classes ({', '.join(summary['classes'])})", err=True)
 
 
 @main.command("proposals")
@@ -114,9 +117,10 @@ def make_dataset_cmd(out, seed, trainval, test, size, **kw):
               help="Selective search mode (paper: fast).")
 @click.option("--max-boxes", type=int, default=None, help="Keep at most this many windows per image.")
 @click.option("--min-size", type=int, default=None, help="Drop windows with a side shorter than this (pixels).")
+@click.option("--max-side", type=int, default=None, help="Segment images shrunk to this longer side (speed).")
 @stage_options()
 @friendly_errors
-def proposals_cmd(mode, max_boxes, min_size, **kw):
+def proposals_cmd(mode, max_boxes, min_size, max_side, **kw):
     """Selective-search window proposals for every image of a split.
 
     OpenCV's ximgproc selective search, one process per image (--workers), one HDF5 item
@@ -128,7 +132,8 @@ def proposals_cmd(mode, max_boxes, min_size, **kw):
     """
     from sppcli.stages.proposals import format_recall_table
 
-    extra = _set("proposals.mode", mode) + _set("proposals.max_boxes", max_boxes) + _set("proposals.min_size", min_size)
+    extra = (_set("proposals.mode", mode) + _set("proposals.max_boxes", max_boxes) + _set("proposals.min_size", min_size)
+             + _set("proposals.max_side", max_side))
     planner, m = _run_stage("proposals", "proposals", kw, extra, split_role="train")
     click.echo(format_recall_table(m.metrics, f"selective search ({m.params['mode']}) on {m.dataset}"), err=True)
     emit(m, kw["as_json"], f"proposals: {m.dir}")
@@ -136,9 +141,11 @@ def proposals_cmd(mode, max_boxes, min_size, **kw):
 
 @main.command("import-proposals")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--convention", type=click.Choice(["auto", "xyxy0", "xyxy1", "yxyx0", "yxyx1"]), default=None,
+              help="Coordinate order and base of the file's boxes (auto: .mat = yxyx1, NPZ/HDF5 = xyxy0 continuous).")
 @stage_options()
 @friendly_errors
-def import_proposals_cmd(source, **kw):
+def import_proposals_cmd(source, convention, **kw):
     """Use boxes you already have (NPZ, HDF5, or R-CNN's selective-search .mat) as proposals.
 
     Writes the same artifact as `sppcli proposals`, so every later stage uses it unchanged.
@@ -151,8 +158,8 @@ def import_proposals_cmd(source, **kw):
     """
     from sppcli.stages.proposals import format_recall_table
 
-    planner, m = _run_stage("proposals", "proposals", kw, _set("proposals.imported", str(source.resolve())),
-                            split_role="train")
+    extra = _set("proposals.imported", str(source.resolve())) + _set("proposals.imported_convention", convention)
+    planner, m = _run_stage("proposals", "proposals", kw, extra, split_role="train")
     click.echo(format_recall_table(m.metrics, f"imported proposals on {m.dataset}"), err=True)
     emit(m, kw["as_json"], f"proposals (imported): {m.dir}")
 

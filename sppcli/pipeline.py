@@ -70,7 +70,9 @@ class Plan:
 
     @property
     def command(self) -> str:
-        return f"{COMMANDS[self.stage]} --split {self.split}"
+        """The command that makes this artifact (without --config / --set, which the caller adds)."""
+        split = f" --split {self.split}" if self.stage in PER_IMAGE or self.stage == "evaluate" else ""
+        return f"{COMMANDS[self.stage]}{split}"
 
 
 def open_dataset(config: Config, split: str):
@@ -125,6 +127,8 @@ class Planner:
         if stage == "proposals":
             params = as_dict(c.proposals)
             external["dataset"] = self.dataset_digest(split)
+            if c.proposals.imported:
+                external["imported"] = self.store.digests.file(Path(c.proposals.imported))
         elif stage == "pretrain":
             split = train
             ds = self.dataset(split)

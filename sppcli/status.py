@@ -37,10 +37,15 @@ def pipeline_status(planner: Planner, variants=None) -> list[dict]:
             continue
         seen.add((stage, plan.key))
         st = p.state(plan)
+        command = plan.command
+        if variant and stage in ("svm", "detect", "evaluate"):
+            command += f" --variant {variant}"
+        if p.config.source != "<defaults>":
+            command += f" --config {p.config.source}"
         out.append({"stage": stage, "dataset": plan.dataset, "split": split,
                     "variant": VARIANT_LABELS.get(variant, ""), "key": plan.key[:12], "state": st.state,
                     "reasons": list(st.reasons), "done_items": st.done_items, "total_items": st.total_items,
-                    "size_bytes": st.size_bytes, "command": plan.command})
+                    "size_bytes": st.size_bytes, "command": command})
     return out
 
 

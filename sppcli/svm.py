@@ -135,7 +135,9 @@ def svm_objective(
     return {"pos_loss": pos_loss, "neg_loss": neg_loss, "reg": reg, "objective": pos_loss + neg_loss + reg}
 
 
-def fit_linear_svm(positives: np.ndarray, negatives: np.ndarray, params: SvmParams = SvmParams()) -> tuple[np.ndarray, float]:
+def fit_linear_svm(
+    positives: np.ndarray, negatives: np.ndarray, params: SvmParams = SvmParams()
+) -> tuple[np.ndarray, float]:
     """One liblinear solve of the releases' problem; returns (w float32[D], b float)."""
     features = np.concatenate([positives, negatives]).astype(np.float64, copy=False)
     targets = np.concatenate([np.ones(len(positives)), -np.ones(len(negatives))])
@@ -232,7 +234,8 @@ def train_class_svm(
             **losses,
         }
         history.append(entry)
-        cache = [negatives[~easy]]
+        kept = negatives[~easy]
+        cache = [kept] if len(kept) else []
         n_added = 0
         if log is not None:
             log(
@@ -281,10 +284,9 @@ def unique_windows(cell_windows: np.ndarray, scale_indices: np.ndarray) -> np.nd
     with ``dedup``, via ``unique(..., 'rows')``) instead of applying the paper's 0.7-IoU rule.
     Returns int64[K], ascending (first occurrences).
     """
-    keys = np.concatenate(
-        [np.asarray(cell_windows, dtype=np.int64).reshape(-1, 4), np.asarray(scale_indices, dtype=np.int64).reshape(-1, 1)],
-        axis=1,
-    )
+    cells = np.asarray(cell_windows, dtype=np.int64).reshape(-1, 4)
+    scales = np.asarray(scale_indices, dtype=np.int64).reshape(-1, 1)
+    keys = np.concatenate([cells, scales], axis=1)
     if len(keys) == 0:
         return np.zeros(0, dtype=np.int64)
     _, first = np.unique(keys, axis=0, return_index=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -87,7 +87,9 @@ def read_pool_windows(path: Path, image_id: str | None = None) -> PoolWindows:
         arrays = {name: f[name][()] for name in _META_DATASETS}
         width, height = int(f.attrs["width"]), int(f.attrs["height"])
     n = arrays["boxes"].shape[0]
-    overlaps = arrays["overlaps"].reshape(n, -1) if n else arrays["overlaps"].reshape(0, -1)
+    overlaps = arrays["overlaps"]
+    if overlaps.ndim != 2:  # written as [N, K]; a 1-D array can only be an empty one
+        overlaps = overlaps.reshape(n, -1) if n else overlaps.reshape(0, 0)
     return PoolWindows(
         image_id=image_id if image_id is not None else path.stem,
         path=path,
@@ -237,6 +239,48 @@ def norm_sample(rng: np.random.Generator, counts: Sequence[int], max_images: int
     return sample
 
 
+def count_windows(path: Path) -> int:
+    """Number of windows (N) of one pool item, without reading them."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return int(f["boxes"].shape[0])
+
+
+def mean_feature_norm(paths: Sequence[Path], transform: Callable[[np.ndarray], np.ndarray], seed: int,
+                      max_images: int = 200, per_image: int = 200, progress=None) -> tuple[float, int]:
+    """Mean L2 norm of ``transform(pooled rows)`` over a seeded :func:`norm_sample` of windows.
+
+    Args:
+        paths: the pool items.
+        transform: pooled ``[n, D]`` (storage dtype) -> features ``[n, D']`` whose norm is
+            wanted (e.g. the fc7 of a head, or a float32 copy for pool5).
+        seed: seed of the sample, so that the estimate (and every model scaled by it) is
+            reproducible.
+        progress: optional ``progress(iterable, total=...)`` wrapper.
+
+    Returns:
+        ``(mean norm, number of windows it averages)``.
+
+    Raises:
+        ValueError: the items hold no window at all.
+    """
+    import h5py
+
+    wrap = progress or (lambda iterable, total: iterable)
+    counts = [count_windows(p) for p in wrap(paths, total=len(paths))]
+    sample = norm_sample(np.random.default_rng(seed), counts, max_images, per_image)
+    norms = []
+    for image, rows in wrap(sample, total=len(sample)):
+        with h5py.File(paths[image], "r") as f:
+            pooled = read_feature_rows(f["features"], rows)
+        norms.append(np.linalg.norm(np.asarray(transform(pooled), dtype=np.float64), axis=1))
+    if not norms:
+        raise ValueError("no windows in the pool items: cannot estimate the mean feature norm")
+    norms = np.concatenate(norms)
+    return float(norms.mean()), int(norms.size)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class WindowSet:
     """Selected windows of a whole split, as parallel flat arrays.
@@ -371,9 +415,8 @@ class PooledFeatureReader:
         return self.cache is not None
 
     def chunk_batches(self, batch_rows: int, max_cache_bytes: int, limit: int = 500) -> int:
-        """How many mini-batches of ``batch_rows`` rows to read at once in streaming mode."""
-        if self.in_memory:
-            return limit
+        """How many mini-batches of ``batch_rows`` rows fit in ``max_cache_bytes`` (1 to ``limit``):
+        the size of one streaming request."""
         return int(min(limit, max(1, max_cache_bytes // max(1, batch_rows * self.row_bytes))))
 
     def get(self, indices: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ ELEPHANTS = REPO.parent / "shared" / "data" / "voc-elephants" / "VOC2007"
 if not ELEPHANTS.exists():  # CI lays shared/ beside the clone; a developer checkout has it one up
     ELEPHANTS = Path("/work/shared/data/voc-elephants/VOC2007")
 
-TINY_ARCH = {"trunk": "zf5", "width": 0.125, "levels": [6, 3, 2, 1], "hidden": 64, "num_classes": 6,
+TINY_ARCH = {"trunk": "zf5", "width": 0.125, "levels": [6, 3, 2, 1], "hidden": 64, "num_classes": 8,
              "dropout": 0.5}
 
 

@@ -158,26 +158,34 @@ def test_mining_bookkeeping_with_a_scripted_solver(monkeypatch):
         (2, 4, 7, 0),
         (3, 0, 7, 0),
     ]
+    # A cache emptied by eviction is not retrained on at the end (liblinear needs negatives).
+    trained_on.clear()
+    emptied = train_class_svm(positives, [batch(0, [-5.0, -2.0]), batch(10, [-3.0])], SvmParams())
+    assert trained_on == [[0, 1]] and len(emptied.history) == 1
     # Margin support vectors as the releases count them, z > -1 - eps: (-0.5, 0.2), then
     # (-0.5, 0.2, 0.5, -0.9, -0.8); -1.1 and -1.00009 are below the margin.
     assert model.history[0]["n_neg_sv"] == 2 and model.history[1]["n_neg_sv"] == 5
 
 
 def test_easy_negatives_are_never_mined_with_the_real_solver():
-    # Far-away negatives score far below -1.2 once the first model exists: after the first
-    # image they are evicted and later ones never enter; near ones keep entering.
+    # Positives at x0 = 6 and five first-image negatives at x0 = 0 give a first model close to
+    # score = x0 / 3 - 1. Far negatives (x0 = -40, score ~ -14) are evicted after the first
+    # image and never enter again; one near negative per later image (x0 = 2, score ~ -1/3)
+    # always enters. 5 added is not more than the limit 5, so the next retrain is the last.
     rng = np.random.default_rng(4)
     dim = 8
     positives = 6 * _axis(dim) + 0.3 * rng.standard_normal((60, dim))
-    margin = 0.05 * rng.standard_normal((5, dim))  # these define the margin at x0 = 0
 
-    def image(n_far, n_near):
-        return np.concatenate([-40 * _axis(dim) + rng.standard_normal((n_far, dim)), 0.05 * rng.standard_normal((n_near, dim))])
+    def image(n_far, n_near, x0_near):
+        far = -40 * _axis(dim) + rng.standard_normal((n_far, dim))
+        near = x0_near * _axis(dim) + 0.05 * rng.standard_normal((n_near, dim))
+        return np.concatenate([far, near])
 
-    batches = [np.concatenate([image(30, 0), margin])] + [image(30, 0) for _ in range(5)]
+    batches = [image(30, 5, 0.0)] + [image(30, 1, 2.0) for _ in range(5)]
     model = train_class_svm(positives, batches, SvmParams(C=1.0, retrain_limit=5))
-    assert [(e["batch_index"], e["n_hard"], e["n_evicted"]) for e in model.history] == [(0, 35, 30), (5, 0, 0)]
-    assert model.history[-1]["n_cache"] == 5
+    first, last = model.history
+    assert (first["batch_index"], first["n_hard"], first["n_cache"], first["n_evicted"]) == (0, 35, 35, 30)
+    assert (last["batch_index"], last["n_hard"], last["n_cache"]) == (5, 5, 10)
 
 
 def test_before_the_first_training_every_negative_is_hard():
@@ -238,14 +246,15 @@ def test_dedup_negatives_greedy_in_proposal_order():
         [
             [0, 0, 10, 10],
             [0, 0, 10, 11],  # IoU 100/110 = 0.91 with box 0 -> dropped
-            [0, 0, 10, 14.285714],  # IoU 0.7000 (just under 0.7 after rounding? see below)
+            [0, 0, 10, 15],  # IoU 100/150 = 0.67 with box 0, 110/150 = 0.73 with dropped box 1 -> kept
             [30, 30, 40, 40],
             [0, 0, 10, 12],  # IoU 100/120 = 0.83 with box 0 -> dropped
         ],
         dtype=np.float64,
     )
-    boxes[2, 3] = 10 / 0.7  # IoU with box 0 is exactly 100 / (100/0.7) = 0.7: kept (not > 0.7)
     np.testing.assert_array_equal(dedup_negatives(boxes), [0, 2, 3])
+    # The rule is "more than": IoU exactly 0.5 (100/200) survives a 0.5 threshold.
+    np.testing.assert_array_equal(dedup_negatives(np.array([[0, 0, 10, 10], [0, 0, 10, 20]]), 0.5), [0, 1])
     # Order matters: listing the big box first keeps it and drops the small one.
     np.testing.assert_array_equal(dedup_negatives(boxes[[1, 0]]), [0])
     assert dedup_negatives(np.zeros((0, 4))).shape == (0,)

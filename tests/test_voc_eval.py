@@ -214,7 +214,11 @@ def _devkit_reference(gt, dets, minoverlap=0.5):
             bi = [max(bb[0], bbgt[0]), max(bb[1], bbgt[1]), min(bb[2], bbgt[2]), min(bb[3], bbgt[3])]
             iw, ih = bi[2] - bi[0] + 1, bi[3] - bi[1] + 1
             if iw > 0 and ih > 0:
-                ua = (bb[2] - bb[0] + 1) * (bb[3] - bb[1] + 1) + (bbgt[2] - bbgt[0] + 1) * (bbgt[3] - bbgt[1] + 1) - iw * ih
+                ua = (
+                    (bb[2] - bb[0] + 1) * (bb[3] - bb[1] + 1)
+                    + (bbgt[2] - bbgt[0] + 1) * (bbgt[3] - bbgt[1] + 1)
+                    - iw * ih
+                )
                 ov = iw * ih / ua
                 if ov > ovmax:
                     ovmax, jmax = ov, j

@@ -175,4 +175,6 @@ def test_feature_reader_modes_agree(tmp_path, max_cache_bytes):
         want = np.stack([feats[windows.image[j]][windows.row[j]] for j in request])
         np.testing.assert_array_equal(got, want)
         assert len(reader._open) <= 2
-        assert reader.chunk_batches(8, max_cache_bytes=8 * 6 * 2 * 3) == (500 if reader.in_memory else 3)
+        assert reader.chunk_batches(8, max_cache_bytes=8 * 6 * 2 * 3 + 5) == 3  # float16 rows of 6
+        assert reader.chunk_batches(8, max_cache_bytes=0) == 1
+        assert reader.chunk_batches(8, max_cache_bytes=10**9, limit=7) == 7

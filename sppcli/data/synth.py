@@ -34,7 +34,7 @@ from sppcli.data.voc import (VocAnnotation, VocObject, write_annotation, write_c
 CLASS_NAMES: tuple[str, ...] = (
     "disc", "ring", "triangle", "cross", "star", "crescent", "stripes", "checker",
 )
-class_names = CLASS_NAMES  # the name the CLI and docs use
+class_names = CLASS_NAMES  # alias: the lower-case spelling is also in use
 
 #: Objects whose visible box has a shorter side below this many pixels are marked difficult.
 DIFFICULT_MIN_SIDE = 14
@@ -66,32 +66,33 @@ def _circle(radius: float, cx: float = 0.0, cy: float = 0.0, points: int = 72) -
     return np.stack([cx + radius * np.cos(t), cy + radius * np.sin(t)], axis=1)
 
 
-def _shape_layers(name: str, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
-    """Polygons ``[K, 2]`` to apply in order, adding (255) or cutting (0), in the canonical frame."""
-    if name in ("disc", "stripes", "checker"):
-        if name == "disc":
-            return [(_circle(1.0), 255)]
-        return [(np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)], dtype=np.float64), 255)]
+def _shape_layers(name: str, rng: np.random.Generator) -> list[tuple[np.ndarray, bool]]:
+    """``(polygon [K, 2], adds)`` pairs in the canonical frame, applied in order: a polygon with
+    ``adds`` False cuts a hole (ring) or a bite (crescent) out of what came before."""
+    if name == "disc":
+        return [(_circle(1.0), True)]
+    if name in ("stripes", "checker"):
+        return [(np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)], dtype=np.float64), True)]
     if name == "ring":
-        return [(_circle(1.0), 255), (_circle(rng.uniform(0.45, 0.65)), 0)]
+        return [(_circle(1.0), True), (_circle(rng.uniform(0.45, 0.65)), False)]
     if name == "crescent":
         offset, radius = rng.uniform(0.35, 0.6), rng.uniform(0.8, 0.95)
-        return [(_circle(1.0), 255), (_circle(radius, cx=offset), 0)]
+        return [(_circle(1.0), True), (_circle(radius, cx=offset), False)]
     if name == "triangle":
         angles = np.pi / 2 + np.arange(3) * 2 * np.pi / 3 + rng.uniform(-0.2, 0.2, 3)
         radii = rng.uniform(0.85, 1.0, 3)
-        return [(np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1), 255)]
+        return [(np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1), True)]
     if name == "cross":
         t = rng.uniform(0.2, 0.36)
         outline = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t),
                    (-1, t), (-1, -t), (-t, -t)]
-        return [(np.array(outline, dtype=np.float64), 255)]
+        return [(np.array(outline, dtype=np.float64), True)]
     if name == "star":
         spikes = int(rng.integers(5, 7))
         inner = rng.uniform(0.38, 0.5)
         angles = np.pi / 2 + np.arange(2 * spikes) * np.pi / spikes
         radii = np.where(np.arange(2 * spikes) % 2 == 0, 1.0, inner)
-        return [(np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1), 255)]
+        return [(np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1), True)]
     raise ValueError(f"unknown synthetic class {name!r}")
 
 
@@ -147,17 +148,27 @@ def _fill_polygon(points: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return np.cumsum(toggles[:, :cols], axis=1) % 2 == 1
 
 
-def _supersampled_mask(layers, geometry: _Geometry) -> np.ndarray:
+def _supersampled_mask(layers: list[tuple[np.ndarray, bool]], geometry: _Geometry) -> np.ndarray:
     """bool ``[h * 4, w * 4]`` of the shape over ``geometry.patch()``."""
     x0, y0, w, h = geometry.patch()
     mask = np.zeros((h * _SUPERSAMPLE, w * _SUPERSAMPLE), dtype=bool)
-    for polygon, fill in layers:
+    for polygon, adds in layers:
         inside = _fill_polygon((geometry.to_image(polygon) - (x0, y0)) * _SUPERSAMPLE, *mask.shape)
-        if fill:
+        if adds:
             mask |= inside
         else:
             mask &= ~inside
     return mask
+
+
+def _tight_box(alpha: np.ndarray, x0: int, y0: int) -> tuple[int, int, int, int] | None:
+    """Internal integer box of the pixels that ``alpha`` (coverage ``[h, w]`` whose top-left pixel
+    is ``(x0, y0)``) covers by at least a quarter; None when there are none."""
+    covered = alpha >= _BOX_COVERAGE
+    rows, cols = np.flatnonzero(covered.any(axis=1)), np.flatnonzero(covered.any(axis=0))
+    if rows.size == 0:
+        return None
+    return x0 + int(cols[0]), y0 + int(rows[0]), x0 + int(cols[-1]) + 1, y0 + int(rows[-1]) + 1
 
 
 def _object_colours(name: str, geometry: _Geometry, mask: np.ndarray, colours: np.ndarray,
@@ -368,8 +379,8 @@ def render_image(seed: int, index: int, size: tuple[int, int] = (320, 240),
     visible: list[int] = []  # pixels of each placed object still showing
 
     for _ in range(1 + int(rng.choice(len(_OBJECTS_PER_IMAGE), p=_OBJECTS_PER_IMAGE))):
-        for _ in range(_PLACEMENT_TRIES):
-            first = not placed
+        first = not placed
+        for _ in range(_PLACEMENT_TRIES * (4 if first else 1)):  # every image gets its first object
             name, geometry = _propose(rng, width, height, placed, first_class)
             layers = _shape_layers(name, rng)
             mask = _supersampled_mask(layers, geometry)
@@ -386,11 +397,10 @@ def render_image(seed: int, index: int, size: tuple[int, int] = (320, 240),
             inside_share = float(alpha_in.sum()) / total
             if inside_share < (0.999 if first else _MIN_INSIDE_SHARE):
                 continue
-            covered = alpha_in >= _BOX_COVERAGE
-            rows, cols = np.flatnonzero(covered.any(axis=1)), np.flatnonzero(covered.any(axis=0))
+            box = _tight_box(alpha_in, ix0, iy0)
             own = alpha_in >= 0.5
             pixels = int(own.sum())
-            if rows.size == 0 or pixels < 10:
+            if box is None or pixels < 10:
                 continue
             hidden = owner[region][own]
             lost = np.bincount(hidden[hidden >= 0], minlength=len(placed))
@@ -398,8 +408,6 @@ def render_image(seed: int, index: int, size: tuple[int, int] = (320, 240),
                    for j in range(len(placed))):
                 continue
 
-            box = (ix0 + int(cols[0]), iy0 + int(rows[0]), ix0 + int(cols[-1]) + 1,
-                   iy0 + int(rows[-1]) + 1)
             behind = canvas[region][own].mean(axis=0)
             colours = _pick_colours(name, behind, rng)
             premultiplied = _object_colours(name, geometry, mask, colours, rng)[inner]

@@ -275,8 +275,13 @@ class VocDataset:
 
     @property
     def name(self) -> str:
-        """``<devkit folder>_<split>``, reduced to ``[A-Za-z0-9._-]`` so it can name a folder."""
-        raw = f"{self.devkit.resolve().name}_{self.split}"
+        """``<parent>_<devkit folder>_<split>``, reduced to ``[A-Za-z0-9._-]`` so it can name a folder.
+
+        The parent is included because devkit folders are nearly always called ``VOC2007``:
+        ``VOCdevkit_VOC2007_test`` and ``voc-elephants_VOC2007_test`` must not share a cache folder.
+        """
+        devkit = self.devkit.resolve()
+        raw = f"{devkit.parent.name}_{devkit.name}_{self.split}"
         return re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("._") or "dataset"
 
     # -- paths ----------------------------------------------------------------------------------

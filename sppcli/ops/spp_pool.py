@@ -30,7 +30,9 @@ NaNs propagate (a bin containing NaN yields NaN), as in adaptive pooling.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,7 +44,22 @@ DEFAULT_LEVELS: tuple[int, ...] = (1, 2, 3, 6)
 
 # Bytes of gathered bin features per chunk of windows. Small enough that a chunk's gathers
 # stay in the CPU caches, large enough to amortise the per-op overhead.
-_CHUNK_BYTES = 4 * 1024 * 1024
+_CHUNK_BYTES = 1024 * 1024
+
+
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _new_large(like: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Uninitialised tensor of ``like``'s dtype and device.
+
+    On the CPU it is backed by a numpy array: numpy asks Linux for transparent huge pages on
+    large allocations, which halves the page-fault cost of first touching a ~100 MB output
+    (torch's CPU allocator does not). Elsewhere a plain ``new_empty``.
+    """
+    if like.device.type == "cpu" and like.dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(np.empty(shape, dtype=_NUMPY_DTYPES[like.dtype]))
+    return like.new_empty(shape)
 
 
 def pooled_dim(channels: int, levels: Sequence[int] = DEFAULT_LEVELS) -> int:
@@ -121,7 +138,7 @@ def _build_table(fmap_hwc: Tensor, depth_y: int, depth_x: int) -> Tensor:
     Entries whose block would leave the map are never read and are left uninitialised.
     """
     height, width, channels = fmap_hwc.shape
-    table = fmap_hwc.new_empty((depth_y, depth_x, height, width, channels))
+    table = _new_large(fmap_hwc, (depth_y, depth_x, height, width, channels))
     table[0, 0] = fmap_hwc
     for kx in range(1, depth_x):
         half = 1 << (kx - 1)
@@ -136,82 +153,148 @@ def _build_table(fmap_hwc: Tensor, depth_y: int, depth_x: int) -> Tensor:
     return table
 
 
+@dataclass
+class _Correction:
+    """Bins that need one more corner block than the first: the corner's table rows, and
+    either all bins of the level (``dense``) or only the listed ones (sorted flat bin ids with
+    per-chunk slice bounds)."""
+
+    corner_rows: Tensor  # [K] table rows: all bins if dense, else one per listed bin
+    dense: bool
+    bin_ids: Tensor | None = None
+    bounds: list[int] | None = None
+
+
+@dataclass
+class _Lookup:
+    """Table-row indices answering every bin of one pyramid level, flat over (window, i, j)."""
+
+    first_rows: Tensor  # [N * n * n] row of the (y_lo, x_lo) block of each bin
+    corrections: list[_Correction]
+
+
+# Above this fraction of bins needing a corner block, gathering that corner for every bin
+# (2 passes over the level's bins) is cheaper than gathering, merging and scattering back only
+# the bins that need it (about 4 passes over those bins).
+_SPARSE_LIMIT = 0.5
+
+
+def _plan_lookup(y_lo, y_hi, x_lo, x_hi, log2, depth_x, height, width, chunk) -> _Lookup:
+    """Corner rows of every bin of one level; ``y_lo`` etc. are ``[N, n]`` absolute edges.
+
+    A bin ``[y_lo, y_hi) x [x_lo, x_hi)`` is the union of the blocks of size
+    ``2^ky x 2^kx`` (``2^k`` the largest power of two not above the side) anchored at
+    ``y_lo`` or ``y_hi - 2^ky`` and ``x_lo`` or ``x_hi - 2^kx``. When a side is itself a power
+    of two both anchors coincide, so most small bins need one block, not four; the extra
+    blocks are planned as corrections applied only to the bins that need them.
+    """
+    count, n = y_lo.shape
+    ky, kx = log2[y_hi - y_lo], log2[x_hi - x_lo]
+    y_other, x_other = y_hi - (1 << ky), x_hi - (1 << kx)
+    plane = (ky[:, :, None] * depth_x + kx[:, None, :]) * (height * width)
+
+    def rows_at(ys: Tensor, xs: Tensor) -> Tensor:
+        return (plane + ys[:, :, None] * width + xs[:, None, :]).reshape(-1)
+
+    y_split = (y_other != y_lo)[:, :, None].expand(count, n, n)
+    x_split = (x_other != x_lo)[:, None, :].expand(count, n, n)
+    bins_per_chunk = chunk * n * n
+    chunk_starts = torch.arange(0, count * n * n, bins_per_chunk, device=y_lo.device)
+    corrections = []
+    for needs, ys, xs in ((y_split, y_other, x_lo), (x_split, y_lo, x_other), (y_split & x_split, y_other, x_other)):
+        needs = needs.reshape(-1)
+        corner = rows_at(ys, xs)
+        needed = int(needs.sum())
+        if needed == 0:
+            continue
+        if needed > _SPARSE_LIMIT * needs.numel():
+            corrections.append(_Correction(corner_rows=corner, dense=True))
+            continue
+        bin_ids = needs.nonzero().squeeze(1)
+        bounds = torch.searchsorted(bin_ids, chunk_starts).tolist() + [needed]
+        corrections.append(_Correction(corner_rows=corner[bin_ids], dense=False, bin_ids=bin_ids, bounds=bounds))
+    return _Lookup(first_rows=rows_at(y_lo, x_lo), corrections=corrections)
+
+
 def _pool_unique(fmap: Tensor, cells: Tensor, levels: Sequence[int]) -> Tensor:
     """The pooled features ``[N, D]`` of ``cells`` (already validated, N > 0)."""
     channels, height, width = fmap.shape
     device = fmap.device
+    total = cells.shape[0]
     plan = _plan_levels(levels)
     looked_up = [n for n, source in plan.items() if source is None]
+    finest = max(n * n for n in looked_up)
+    chunk = min(total, max(1, _CHUNK_BYTES // (finest * channels * fmap.element_size())))
 
     x_start, y_start = cells[:, 0], cells[:, 1]
     x_len = cells[:, 2] - x_start + 1
     y_len = cells[:, 3] - y_start + 1
-    log2 = _floor_log2_table(max(height, width), device)
-
-    # Per looked-up level: bin edges and block sizes along each axis, [N, n] each.
-    axes = {}
+    edges = {}
     longest_y = longest_x = 1
     for n in looked_up:
         y_lo, y_hi = _bin_edges(y_start, y_len, n)
         x_lo, x_hi = _bin_edges(x_start, x_len, n)
-        ky, kx = log2[y_hi - y_lo], log2[x_hi - x_lo]
-        axes[n] = (y_lo, y_hi, ky, x_lo, x_hi, kx)
+        edges[n] = (y_lo, y_hi, x_lo, x_hi)
         longest_y = max(longest_y, int((y_hi - y_lo).max()))
         longest_x = max(longest_x, int((x_hi - x_lo).max()))
-    depth_y = longest_y.bit_length()
-    depth_x = longest_x.bit_length()
+    depth_y, depth_x = longest_y.bit_length(), longest_x.bit_length()
+    log2 = _floor_log2_table(max(longest_y, longest_x), device)
+    lookups = {n: _plan_lookup(*edges[n], log2, depth_x, height, width, chunk) for n in looked_up}
 
     table = _build_table(fmap.permute(1, 2, 0).contiguous(), depth_y, depth_x)
     rows = table.view(-1, channels)
 
-    # Four corner blocks per bin, as flat row indices into the table: ([N, n, n] each).
-    corner_rows = {}
-    for n, (y_lo, y_hi, ky, x_lo, x_hi, kx) in axes.items():
-        y_other = y_hi - (1 << ky)
-        x_other = x_hi - (1 << kx)
-        plane = (ky[:, :, None] * depth_x + kx[:, None, :]) * (height * width)
-        corner_rows[n] = [
-            plane + ys[:, :, None] * width + xs[:, None, :]
-            for ys in (y_lo, y_other)
-            for xs in (x_lo, x_other)
-        ]
-
-    total = cells.shape[0]
-    out = fmap.new_empty((total, pooled_dim(channels, levels)))
-    finest = max(n * n for n in looked_up)
-    chunk = max(1, _CHUNK_BYTES // (finest * channels * fmap.element_size()))
-    chunk = min(chunk, total)
-    offsets = []
-    position = 0
-    for n in levels:
-        offsets.append(position)
-        position += channels * n * n
-    # Gather buffers reused across chunks: fresh multi-megabyte allocations would page-fault
-    # on every chunk and cost more than the gathers themselves.
+    out = _new_large(fmap, (total, pooled_dim(channels, levels)))
+    offsets = [0]
+    for n in levels[:-1]:
+        offsets.append(offsets[-1] + channels * n * n)
+    # Buffers reused across chunks: fresh multi-megabyte allocations would page-fault on every
+    # chunk and cost more than the gathers themselves.
     gathered = {n: fmap.new_empty((chunk * n * n, channels)) for n in looked_up}
-    corner = fmap.new_empty((chunk * finest, channels))
+    extra = fmap.new_empty((chunk * finest, channels))
+    current = fmap.new_empty((chunk * finest, channels))
 
-    for begin in range(0, total, chunk):
+    for chunk_index, begin in enumerate(range(0, total, chunk)):
         end = min(begin + chunk, total)
         count = end - begin
         bins: dict[int, Tensor] = {}  # level -> [count, n, n, C], channels last
         for n in sorted(plan, reverse=True):
-            source = plan[n]
-            if source is None:
-                corners = corner_rows[n]
-                pooled = gathered[n][:count * n * n]
-                scratch = corner[:count * n * n]
-                torch.index_select(rows, 0, corners[0][begin:end].reshape(-1), out=pooled)
-                for other in corners[1:]:
-                    torch.index_select(rows, 0, other[begin:end].reshape(-1), out=scratch)
-                    torch.maximum(pooled, scratch, out=pooled)
-                bins[n] = pooled.view(count, n, n, channels)
-            else:
-                bins[n] = _merge_bins(bins[source], source // n)
+            if plan[n] is not None:
+                bins[n] = _merge_bins(bins[plan[n]], plan[n] // n)
+                continue
+            lookup = lookups[n]
+            first_bin, bin_count = begin * n * n, count * n * n
+            pooled = gathered[n][:bin_count]
+            torch.index_select(rows, 0, lookup.first_rows[first_bin:first_bin + bin_count], out=pooled)
+            for fix in lookup.corrections:
+                if fix.dense:
+                    more = extra[:bin_count]
+                    torch.index_select(rows, 0, fix.corner_rows[first_bin:first_bin + bin_count], out=more)
+                    torch.maximum(pooled, more, out=pooled)
+                    continue
+                lo, hi = fix.bounds[chunk_index], fix.bounds[chunk_index + 1]
+                if lo == hi:
+                    continue
+                local = fix.bin_ids[lo:hi] - first_bin
+                more, now = extra[:hi - lo], current[:hi - lo]
+                torch.index_select(rows, 0, fix.corner_rows[lo:hi], out=more)
+                torch.index_select(pooled, 0, local, out=now)
+                torch.maximum(now, more, out=now)
+                pooled.index_copy_(0, local, now)
+            bins[n] = pooled.view(count, n, n, channels)
         for n, offset in zip(levels, offsets):
             target = out[begin:end, offset:offset + channels * n * n].view(count, channels, n, n)
-            target.copy_(bins[n].permute(0, 3, 1, 2))
+            _copy_transposed(target, bins[n].permute(0, 3, 1, 2))
     return out
+
+
+def _copy_transposed(target: Tensor, source: Tensor) -> None:
+    """``target.copy_(source)`` for a permuted ``source``. numpy's strided copy is about twice
+    as fast as torch's for these batched channel transposes, so CPU tensors go through it."""
+    if target.device.type == "cpu" and target.dtype in _NUMPY_DTYPES and not target.requires_grad:
+        np.copyto(target.numpy(), source.numpy())
+    else:
+        target.copy_(source)
 
 
 def _merge_bins(finer: Tensor, group: int) -> Tensor:
@@ -221,12 +304,12 @@ def _merge_bins(finer: Tensor, group: int) -> Tensor:
     count, m, _, channels = finer.shape
     n = m // group
     along_x = finer.reshape(count, m, n, group, channels)
-    merged_x = along_x[:, :, :, 0].clone()
-    for k in range(1, group):
+    merged_x = torch.maximum(along_x[:, :, :, 0], along_x[:, :, :, 1]) if group > 1 else along_x[:, :, :, 0]
+    for k in range(2, group):
         torch.maximum(merged_x, along_x[:, :, :, k], out=merged_x)
-    along_y = merged_x.view(count, n, group, n, channels)
-    merged = along_y[:, :, 0].clone()
-    for k in range(1, group):
+    along_y = merged_x.reshape(count, n, group, n, channels)
+    merged = torch.maximum(along_y[:, :, 0], along_y[:, :, 1]) if group > 1 else along_y[:, :, 0]
+    for k in range(2, group):
         torch.maximum(merged, along_y[:, :, k], out=merged)
     return merged
 

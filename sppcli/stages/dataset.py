@@ -46,6 +46,7 @@ def make_embedded_dataset(config: Config, force: bool = False) -> dict:
     bar = progress(range(s.trainval + s.test), total=s.trainval + s.test, desc="make-dataset")
     summary = make_dataset(tmp, seed=s.seed, n_trainval=s.trainval, n_test=s.test, size=(s.width, s.height),
                            progress=lambda i, n: next(bar, None))
+    summary = {k: v for k, v in summary.items() if k != "devkit"}  # it names the temporary folder
     info = {**want, "summary": summary, "seconds": round(time.time() - t0, 2)}
     atomic_write_json(tmp / MARKER, info)
     if out.exists():

@@ -64,7 +64,7 @@ def test_elephants_ids_names_and_order(elephants):
     listed = [line.strip() for line in (elephants / "ImageSets/Main/trainval.txt").read_text().splitlines()
               if line.strip()]
     assert ds.ids == tuple(listed) and len(ds) == len(listed) == 8
-    assert ds.name == "VOC2007_trainval"
+    assert ds.name == "voc-elephants_VOC2007_trainval"
     assert ds.classes == ("elephant",)
     assert len(VocDataset(elephants, "test", ["elephant"])) == 2
 
@@ -238,8 +238,6 @@ def test_any_image_mode_becomes_rgb(tmp_path):
         image.save(root / "JPEGImages" / f"{image_id}{Path(name).suffix}")
     ds = VocDataset(root, "all", ["cat"])
     for image_id, (name, image, expected) in zip(ids, modes):
-        with Image.open(ds.image_path(image_id)) as stored:
-            assert stored.mode == image.mode or name.endswith(".jpg") or image.mode == "I;16", name
         pixels = ds.load_image(image_id)
         assert pixels.dtype == np.uint8 and pixels.shape == (30, 40, 3), name
         tolerance = 3 if name.endswith(".jpg") else 0

@@ -63,7 +63,8 @@ def test_width_multiplier_channels():
 
 def test_zf5_layer_specs_follow_the_release():
     # Zeiler_conv5.prototxt: conv1 7/2 pad 1, pool1 3/2, conv2 5/2 pad 0, pool2 3/2, conv3-5 3/1 pad 1.
-    assert layer_specs(ZF5(width=0.125)) == [(7, 2, 1), (3, 2, 0), (5, 2, 0), (3, 2, 0), (3, 1, 1), (3, 1, 1), (3, 1, 1)]
+    expected = [(7, 2, 1), (3, 2, 0), (5, 2, 0), (3, 2, 0), (3, 1, 1), (3, 1, 1), (3, 1, 1)]
+    assert layer_specs(ZF5(width=0.125)) == expected
 
 
 def test_geometry_derived_from_layers():
@@ -87,7 +88,8 @@ def test_layer_specs_refuses_what_it_cannot_read():
     with pytest.raises(ValueError, match="unknown layer"):
         layer_specs(nn.Sequential(nn.Conv2d(3, 4, 3), nn.PixelShuffle(2)))
     # Size-preserving layers are skipped; MaxPool2d's default stride is its kernel.
-    assert layer_specs(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))) == [(3, 1, 1), (2, 2, 0)]
+    chain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    assert layer_specs(chain) == [(3, 1, 1), (2, 2, 0)]
 
 
 def _lrn_reference(x: torch.Tensor, size: int, alpha: float, beta: float) -> torch.Tensor:

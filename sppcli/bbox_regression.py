@@ -1,0 +1,196 @@
+"""Class-specific bounding-box regression (R-CNN appendix C, as the SPP-net release trains it).
+
+Per class, a ridge regression maps a window's scaled features (pooled conv5 in the paper) to
+R-CNN's targets ``(dx, dy, dw, dh)`` (``sppcli.ops.boxes.bbox_deltas``) that move the window
+onto its ground-truth box. Following ``spp_train_bbox_regressor.m``:
+
+- training windows of class k are those assigned to a ground truth of class k with
+  IoU > min_iou (0.5), strictly, as its per-class selection ``O > opts.min_overlap`` does
+  (the paper says "at least 50%"); ground-truth boxes themselves (IoU 1) qualify;
+- features are multiplied by the SVM stage's feature scale (mean norm 20);
+- a constant-1 bias feature is appended and regularised with the rest: the solution
+  minimises ``||[X 1] beta - (Y - mu)||^2 + lambda ||beta||^2`` with lambda = 4000 and mu the
+  per-class mean of the targets. Centring matters because the bias is penalised. The release
+  also whitens the centred targets and un-whitens predictions; ridge regression is linear in
+  its targets (each output column is solved independently with the same matrix), so that
+  transform cancels exactly and is not repeated here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import Ridge
+
+from sppcli.artifacts import atomic_path
+from sppcli.ops.boxes import apply_deltas, bbox_deltas
+
+BBOX_REG_FORMAT = "sppcli.bbox_regressor/1"
+
+
+def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of a[i] with b[i] (float[N, 4] each, internal convention) -> float64[N]."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = iw * ih
+    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BBoxRegressor:
+    """One linear regressor per class on scaled features.
+
+    coef (float32[K, 4, D]) and intercept (float64[K, 4], target mean included): predicted
+        deltas of a class-k window with raw features f are ``(f * feature_scale) @ coef[k].T +
+        intercept[k]``.
+    trained (bool[K]): False for classes without training windows; they predict zero deltas.
+    n_samples (int64[K]): training windows per class.
+    """
+
+    coef: np.ndarray
+    intercept: np.ndarray
+    trained: np.ndarray
+    n_samples: np.ndarray
+    feature_scale: float
+    lam: float
+    min_iou: float
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.coef.shape[0])
+
+    def predict_deltas(self, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Deltas (float64[N, 4]) for raw features float[N, D] of windows of class labels int[N]."""
+        features = np.asarray(features)
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if features.ndim != 2 or features.shape[1] != self.coef.shape[2] or len(features) != len(labels):
+            raise ValueError(
+                f"features must be [N, {self.coef.shape[2]}] with N = len(labels) = {len(labels)}, got {features.shape}"
+            )
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.n_classes):
+            raise ValueError(f"labels must be in [0, {self.n_classes}), got {labels.min()}..{labels.max()}")
+        deltas = np.zeros((len(labels), 4), dtype=np.float64)
+        for k in np.unique(labels):
+            if not self.trained[k]:
+                continue
+            rows = labels == k
+            scaled = features[rows].astype(np.float64) * self.feature_scale
+            deltas[rows] = scaled @ self.coef[k].astype(np.float64).T + self.intercept[k]
+        return deltas
+
+    def predict(self, features: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Refined boxes (float64[N, 4], internal convention, not clipped to the image).
+
+        features: raw float[N, D]; boxes: float[N, 4] windows; labels: int[N] class of each
+        window (the class whose detector scored it). Windows of untrained classes come back
+        unchanged.
+        """
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        deltas = self.predict_deltas(features, labels)
+        return apply_deltas(torch.from_numpy(deltas), torch.from_numpy(boxes)).numpy()
+
+
+def fit_ridge_regressors(
+    features: np.ndarray,
+    proposal_boxes: np.ndarray,
+    gt_boxes: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    lam: float = 4000.0,
+    feature_scale: float = 1.0,
+    min_iou: float = 0.5,
+) -> BBoxRegressor:
+    """Fit one ridge regressor per class.
+
+    features (float[N, D]): raw features of the windows (scaled here by ``feature_scale``).
+    proposal_boxes (float[N, 4]): the windows; gt_boxes (float[N, 4]): the ground truth each
+        window is assigned to (its best-overlapping object); both internal convention.
+    labels (int[N]): class in [0, n_classes) of that ground truth; negative = no object
+        (ignored).
+    A window trains its class's regressor when IoU(window, its gt) > min_iou.
+    """
+    features = np.asarray(features)
+    proposal_boxes = np.asarray(proposal_boxes, dtype=np.float64).reshape(-1, 4)
+    gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    n = len(labels)
+    if features.ndim != 2 or len(features) != n or len(proposal_boxes) != n or len(gt_boxes) != n:
+        raise ValueError(
+            f"features {features.shape}, proposal_boxes {proposal_boxes.shape}, gt_boxes {gt_boxes.shape} "
+            f"and labels ({n},) must agree in length"
+        )
+    if n and labels.max() >= n_classes:
+        raise ValueError(f"labels must be < n_classes = {n_classes}, got {labels.max()}")
+    dim = features.shape[1]
+    used = (labels >= 0) & (paired_iou(proposal_boxes, gt_boxes) > min_iou)
+    coef = np.zeros((n_classes, 4, dim), dtype=np.float32)
+    intercept = np.zeros((n_classes, 4), dtype=np.float64)
+    trained = np.zeros(n_classes, dtype=bool)
+    n_samples = np.zeros(n_classes, dtype=np.int64)
+    for k in range(n_classes):
+        rows = np.flatnonzero(used & (labels == k))
+        n_samples[k] = len(rows)
+        if len(rows) == 0:
+            continue
+        targets = bbox_deltas(torch.from_numpy(proposal_boxes[rows]), torch.from_numpy(gt_boxes[rows])).numpy()
+        target_mean = targets.mean(axis=0)
+        design = np.concatenate(
+            [features[rows].astype(np.float64) * feature_scale, np.ones((len(rows), 1))], axis=1
+        )
+        # fit_intercept=False with an explicit ones column: the bias is penalised like the
+        # release's, instead of sklearn's unpenalised intercept.
+        ridge = Ridge(alpha=lam, fit_intercept=False).fit(design, targets - target_mean)
+        coef[k] = ridge.coef_[:, :dim]
+        intercept[k] = ridge.coef_[:, dim] + target_mean
+        trained[k] = True
+    return BBoxRegressor(
+        coef=coef,
+        intercept=intercept,
+        trained=trained,
+        n_samples=n_samples,
+        feature_scale=float(feature_scale),
+        lam=float(lam),
+        min_iou=float(min_iou),
+    )
+
+
+def save_regressor(path: str | Path, regressor: BBoxRegressor, class_names: list[str] | None = None) -> Path:
+    """Write a regressor as NPZ (no pickles), atomically; returns the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        np.savez(
+            tmp,
+            format=np.array(BBOX_REG_FORMAT),
+            coef=regressor.coef,
+            intercept=regressor.intercept,
+            trained=regressor.trained,
+            n_samples=regressor.n_samples,
+            feature_scale=np.array(regressor.feature_scale),
+            lam=np.array(regressor.lam),
+            min_iou=np.array(regressor.min_iou),
+            class_names=np.array(json.dumps(class_names)),
+        )
+    return path
+
+
+def load_regressor(path: str | Path) -> tuple[BBoxRegressor, list[str] | None]:
+    """Read :func:`save_regressor` output: (regressor, class names or None)."""
+    with np.load(path, allow_pickle=False) as data:
+        if str(data["format"]) != BBOX_REG_FORMAT:
+            raise ValueError(f"{path}: not an sppcli bounding-box regressor (format {data['format']!s})")
+        regressor = BBoxRegressor(
+            coef=data["coef"].copy(),
+            intercept=data["intercept"].copy(),
+            trained=data["trained"].copy(),
+            n_samples=data["n_samples"].copy(),
+            feature_scale=float(data["feature_scale"]),
+            lam=float(data["lam"]),
+            min_iou=float(data["min_iou"]),
+        )
+        return regressor, json.loads(str(data["class_names"]))

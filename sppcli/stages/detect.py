@@ -1,0 +1,278 @@
+"""`sppcli detect`: score every window with the SVMs, threshold, NMS, write result files.
+
+Two passes, as the R-CNN/SPP release's test loop amounts to:
+
+1. per image (resumable HDF5 items): window features at the SVMs' layer, scores of every class,
+   per class the windows above ``score_threshold``, bbox regression, NMS at ``nms_iou``;
+2. over the whole split: per class, the threshold is raised to keep at most
+   ``max_per_class_factor x #images`` windows (the release tightens it on the fly; since
+   thresholding and NMS commute — a suppressor always scores higher than what it suppresses —
+   doing it after per-image NMS gives the same set), then at most ``max_per_image`` per image.
+
+Outputs: ``detections.h5`` (all kept detections), VOC devkit result files
+``comp4_det_<split>_<class>.txt`` (1-based pixels) and a COCO-style ``detections.json``.
+Proposals only are scored: ground-truth rows of the pool items are training data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from sppcli.artifacts import ArtifactStore, Manifest, StageRun, atomic_path, atomic_write_json
+from sppcli.config import DetectParams
+from sppcli.parallel import map_images, progress
+from sppcli.pipeline import VERSIONS, resolve_device
+
+VERSION = VERSIONS["detect"]
+Params = DetectParams
+log = logging.getLogger(__name__)
+
+
+def params_from(config) -> Params:
+    return config.detect
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    dataset: object
+    pool: Manifest
+    svm: Manifest
+    bbox_reg: Manifest | None
+    store_root: Path
+    combine: tuple[Path, ...]
+    device: str
+    workers: int
+    scheduler: str | None
+
+
+def inputs_for(planner, plan, upstream, options) -> Inputs:
+    params = params_from(planner.config)
+    combine = tuple(Path(p) for p in params.combine)
+    for other in combine:
+        m = Manifest.read(other / "manifest.json") if (other / "manifest.json").exists() else None
+        if m is None or not m.complete or m.stage != "detect":
+            raise ValueError(f"--combine {other}: not a complete detect artifact directory")
+        if m.dataset != plan.dataset:
+            raise ValueError(f"--combine {other}: detections of {m.dataset}, not {plan.dataset}")
+    return Inputs(dataset=planner.dataset(plan.split), pool=upstream["pool"], svm=upstream["svm"],
+                  bbox_reg=upstream.get("bbox_reg"), store_root=planner.store.root, combine=combine,
+                  device=resolve_device(options.device), workers=options.workers, scheduler=options.scheduler)
+
+
+# ---------------------------------------------------------------------------------------------
+# pass 1: per image
+
+
+class WindowScorer:
+    """Scores of every class for a pool item's windows: SVMs on the layer they were trained on."""
+
+    def __init__(self, store_root: Path, svm_manifest: Manifest, bbox_reg_manifest: Manifest | None, device: str):
+        from sppcli.bbox_regression import load_regressor
+        from sppcli.layer_features import LayerFeatures
+        from sppcli.svm import load_svms
+
+        self.layer = LayerFeatures.for_svm(ArtifactStore(store_root), svm_manifest, device)
+        models, self.scale, self.class_names = load_svms(svm_manifest.path("svms.npz"))
+        dim = next(m.w.shape[0] for m in models.values() if m is not None)
+        self.W = np.zeros((dim, len(self.class_names)), dtype=np.float32)
+        self.b = np.full(len(self.class_names), -np.inf, dtype=np.float32)  # untrained class: never fires
+        for k, name in enumerate(self.class_names):
+            if models[name] is not None:
+                self.W[:, k] = models[name].w
+                self.b[k] = models[name].b
+        self.regressor = load_regressor(bbox_reg_manifest.path("bbox_reg.npz")) if bbox_reg_manifest else None
+
+    def __call__(self, pooled: np.ndarray) -> tuple[np.ndarray, float]:
+        """(scores float32[N, K], seconds spent in fc layers) for pooled features [N, D]."""
+        t0 = time.perf_counter()
+        feats = self.layer(pooled)
+        fc_seconds = time.perf_counter() - t0
+        return (feats * self.scale) @ self.W + self.b, fc_seconds
+
+
+@functools.lru_cache(maxsize=2)
+def _scorer(store_root: str, svm_dir: str, bbox_dir: str | None, device: str) -> WindowScorer:
+    # One scorer per worker process, built on first use: loading the fc head and SVMs per image
+    # would dominate the per-image time.
+    svm = Manifest.read(Path(svm_dir) / "manifest.json")
+    bbox = Manifest.read(Path(bbox_dir) / "manifest.json") if bbox_dir else None
+    return WindowScorer(Path(store_root), svm, bbox, device)
+
+
+def detect_image(image_id: str, *, pool_item: Path, out_item: Path, store_root: str, svm_dir: str,
+                 bbox_dir: str | None, device: str, params: Params) -> dict:
+    """Pass 1 for one image: write its per-class candidates (after NMS) to ``out_item``."""
+    from sppcli.ops.boxes import clip_boxes, nms
+    from sppcli.window_sampling import read_pool_windows
+
+    t0 = time.perf_counter()
+    scorer = _scorer(store_root, svm_dir, bbox_dir, device)
+    windows = read_pool_windows(pool_item, image_id)
+    rows = np.flatnonzero(~windows.is_gt)
+    boxes = windows.boxes[rows]
+    pooled = windows.read_features(rows)
+    scores, fc_seconds = scorer(pooled) if len(rows) else (np.zeros((0, len(scorer.class_names)), np.float32), 0.0)
+    out_boxes, out_scores, out_labels = [], [], []
+    for k in range(scores.shape[1]):
+        keep = np.flatnonzero(scores[:, k] > params.score_threshold)
+        if keep.size == 0:
+            continue
+        cls_boxes = boxes[keep]
+        if scorer.regressor is not None:
+            cls_boxes = scorer.regressor.predict(pooled[keep], cls_boxes, np.full(keep.size, k))
+        cls_boxes = clip_boxes(torch.from_numpy(np.ascontiguousarray(cls_boxes, dtype=np.float32)),
+                               windows.width, windows.height)
+        cls_scores = torch.from_numpy(scores[keep, k].astype(np.float32))
+        kept = nms(cls_boxes, cls_scores, params.nms_iou)
+        out_boxes.append(cls_boxes[kept].numpy())
+        out_scores.append(cls_scores[kept].numpy())
+        out_labels.append(np.full(len(kept), k, dtype=np.int16))
+    boxes_all = np.concatenate(out_boxes) if out_boxes else np.zeros((0, 4), np.float32)
+    with atomic_path(out_item) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f["boxes"] = boxes_all.astype(np.float32)
+            f["scores"] = np.concatenate(out_scores) if out_scores else np.zeros(0, np.float32)
+            f["labels"] = np.concatenate(out_labels) if out_labels else np.zeros(0, np.int16)
+            f.attrs["width"], f.attrs["height"] = windows.width, windows.height
+            f.attrs["fc_seconds"] = fc_seconds
+            f.attrs["seconds"] = time.perf_counter() - t0
+            f.attrs["n_windows"] = len(rows)
+    return {"fc_seconds": fc_seconds, "n_windows": len(rows)}
+
+
+def _read_candidates(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return f["boxes"][()], f["scores"][()], f["labels"][()]
+
+
+# ---------------------------------------------------------------------------------------------
+# pass 2: the whole split
+
+
+def select_detections(candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n_classes: int,
+                      params: Params) -> list[np.ndarray]:
+    """Per image, the indices of its candidates that survive the per-class budget and the
+    per-image cap. ``candidates[i] = (boxes, scores, labels)`` of image i."""
+    budget = int(round(params.max_per_class_factor * len(candidates)))
+    thresholds = np.full(n_classes, -np.inf)
+    for k in range(n_classes):
+        s = np.concatenate([sc[lab == k] for _, sc, lab in candidates]) if candidates else np.zeros(0)
+        if s.size > budget:
+            # keep the `budget` best: the threshold is the budget-th highest score
+            thresholds[k] = np.partition(s, s.size - budget)[s.size - budget]
+    kept = []
+    for _, scores, labels in candidates:
+        ok = np.flatnonzero(scores >= thresholds[labels.astype(np.int64)]) if scores.size else np.zeros(0, np.int64)
+        if ok.size > params.max_per_image:
+            order = np.argsort(-scores[ok], kind="stable")[: params.max_per_image]
+            ok = np.sort(ok[order])
+        kept.append(ok)
+    return kept
+
+
+def _combine(own: tuple[np.ndarray, np.ndarray, np.ndarray], others: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+             nms_iou: float):
+    """Model combination (paper Table 9): the union of both models' windows, NMS per class."""
+    from sppcli.ops.boxes import batched_nms
+
+    boxes = np.concatenate([own[0]] + [o[0] for o in others]).astype(np.float32)
+    scores = np.concatenate([own[1]] + [o[1] for o in others]).astype(np.float32)
+    labels = np.concatenate([own[2]] + [o[2] for o in others]).astype(np.int64)
+    if boxes.shape[0] == 0:
+        return own
+    keep = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels), nms_iou).numpy()
+    return boxes[keep], scores[keep], labels[keep].astype(np.int16)
+
+
+def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
+    from sppcli.data.voc import internal_box_to_voc
+
+    ds = inputs.dataset
+    ids = list(ds.ids)
+    if inputs.device.startswith("cuda") and inputs.workers > 1:
+        log.info("detect: one process per GPU; ignoring --workers %d", inputs.workers)
+    workers = 1 if inputs.device.startswith("cuda") else inputs.workers
+    todo = out.pending(ids)
+    fn = functools.partial(_detect_pending, pool_dir=str(inputs.pool.dir), out_dir=str(out.items_dir),
+                           store_root=str(inputs.store_root.resolve()), svm_dir=str(inputs.svm.dir),
+                           bbox_dir=str(inputs.bbox_reg.dir) if inputs.bbox_reg else None,
+                           device=inputs.device, params=params)
+    map_images(fn, todo, workers=workers, scheduler=inputs.scheduler, desc="detect")
+
+    class_names = list(ds.classes)
+    candidates, fc_seconds, n_windows = [], [], []
+    for image_id in progress(ids, total=len(ids), desc="gather"):
+        cand = _read_candidates(out.item_path(image_id))
+        if inputs.combine:
+            others = [_read_candidates(Path(o) / "items" / f"{image_id}.h5") for o in inputs.combine]
+            cand = _combine(cand, others, params.nms_iou)
+        candidates.append(cand)
+        with h5py.File(out.item_path(image_id), "r") as f:
+            fc_seconds.append(float(f.attrs["fc_seconds"]))
+            n_windows.append(int(f.attrs["n_windows"]))
+    kept = select_detections(candidates, len(class_names), params)
+
+    image_index = np.concatenate([np.full(len(k), i, dtype=np.int32) for i, k in enumerate(kept)]) if ids else np.zeros(0, np.int32)
+    boxes = np.concatenate([c[0][k] for c, k in zip(candidates, kept)]).astype(np.float32) if ids else np.zeros((0, 4), np.float32)
+    scores = np.concatenate([c[1][k] for c, k in zip(candidates, kept)]).astype(np.float32) if ids else np.zeros(0, np.float32)
+    labels = np.concatenate([c[2][k] for c, k in zip(candidates, kept)]).astype(np.int16) if ids else np.zeros(0, np.int16)
+
+    with atomic_path(out.dir / "detections.h5") as tmp:
+        with h5py.File(tmp, "w") as f:
+            f["image_ids"] = np.array(ids, dtype=h5py.string_dtype())
+            f["class_names"] = np.array(class_names, dtype=h5py.string_dtype())
+            f["image_index"], f["labels"], f["scores"], f["boxes"] = image_index, labels, scores, boxes
+
+    # VOC devkit result files: "<id> <score> <xmin> <ymin> <xmax> <ymax>", 1-based pixels.
+    voc_boxes = internal_box_to_voc(boxes) if len(boxes) else np.zeros((0, 4))
+    results = out.dir / "results"
+    for k, name in enumerate(class_names):
+        sel = np.flatnonzero(labels == k)
+        lines = [f"{ids[image_index[i]]} {scores[i]:.6f} " + " ".join(f"{v:.1f}" for v in voc_boxes[i]) for i in sel]
+        with atomic_path(results / f"comp4_det_{ds.split}_{name}.txt") as tmp:
+            tmp.write_text("\n".join(lines) + ("\n" if lines else ""))
+    coco = [{"image_id": ids[image_index[i]], "category_id": int(labels[i]) + 1, "category": class_names[labels[i]],
+             "bbox": [round(float(boxes[i, 0]), 2), round(float(boxes[i, 1]), 2),
+                      round(float(boxes[i, 2] - boxes[i, 0]), 2), round(float(boxes[i, 3] - boxes[i, 1]), 2)],
+             "score": round(float(scores[i]), 5)} for i in range(len(scores))]
+    atomic_write_json(out.dir / "detections.json", coco)
+
+    metrics = {"n_detections": int(len(scores)), "n_images": len(ids),
+               "fc_seconds_per_image": float(np.mean(fc_seconds)) if fc_seconds else 0.0,
+               "windows_per_image": float(np.mean(n_windows)) if n_windows else 0.0,
+               "per_class": {name: int(np.sum(labels == k)) for k, name in enumerate(class_names)},
+               "combined_with": [str(p) for p in inputs.combine]}
+    return out.finish(metrics=metrics, n_items=len(ids), device=inputs.device)
+
+
+def _detect_pending(image_id: str, *, pool_dir: str, out_dir: str, **kw) -> dict:
+    return detect_image(image_id, pool_item=Path(pool_dir) / "items" / f"{image_id}.h5",
+                        out_item=Path(out_dir) / f"{image_id}.h5", **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# drawing (`sppcli show`)
+
+
+def draw_detections_of(manifest: Manifest, dataset, out_dir: Path, score: float, limit: int) -> list[Path]:
+    """PNG per image (the ``limit`` first of the split) with its detections above ``score``."""
+    from sppcli.viz import draw_detections, save_png
+
+    with h5py.File(manifest.path("detections.h5"), "r") as f:
+        ids = [s.decode() if isinstance(s, bytes) else str(s) for s in f["image_ids"][()]]
+        image_index, labels, scores, boxes = (f[k][()] for k in ("image_index", "labels", "scores", "boxes"))
+    written = []
+    for i, image_id in enumerate(ids[:limit]):
+        sel = image_index == i
+        img = draw_detections(dataset.load_image(image_id), boxes[sel], labels[sel], scores[sel], dataset.classes,
+                              score_threshold=score)
+        written.append(save_png(img, Path(out_dir) / f"{image_id}.png"))
+    return written

@@ -1,0 +1,322 @@
+"""Stage "features": conv5 feature maps of whole images at one or more scales (paper section 4.1).
+
+SPP-net runs the convolutional layers once per image (per scale), not once per window: every
+image is resized so that ``min(w, h) = s`` for each ``s`` in ``features.scales`` (the longer side
+capped at ``features.max_side``), and the trunk's conv5 map of the whole resized image is stored.
+Windows are pooled from these maps by the "pool" stage.
+
+Pipeline: a torch ``DataLoader`` (``--workers`` processes) decodes and resizes images while the
+one process that owns the net runs it; images go through the net one at a time (their sizes
+differ, and padding them into a batch would change the maps near the borders). Resizing is
+bilinear with antialiasing on uint8 RGB, then the net's own normalisation
+(:func:`sppcli.nets.sppnet.normalize`).
+
+Output: ``items/<id>.h5`` per image with ``conv5_<i>`` ``[C, H_i, W_i]`` (``features.dtype``)
+for scale ``i`` and attributes ``width``, ``height`` (stored pixels of the original image),
+``scales``, ``scale_factors`` (resize factor at each scale: box coordinates times the factor are
+coordinates on the resized image), ``scaled_sizes`` (``[S, 2]`` of ``[w, h]``), and
+``conv_seconds`` / ``decode_seconds`` (that image's timings). The manifest's ``metrics["net"]``
+names the weights file and the trunk geometry (stride, offsets) that maps windows onto cells.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from sppcli.artifacts import Manifest, StageRun
+from sppcli.config import Config, FeatureParams, NetParams
+from sppcli.feature_net import NetSource, load_source, net_record, resolve_net_source
+from sppcli.nets.sppnet import normalize
+from sppcli.ops.geometry import scaled_size
+from sppcli.parallel import progress
+from sppcli.pipeline import VERSIONS, resolve_device
+
+VERSION = VERSIONS["features"]
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    net: NetParams
+    features: FeatureParams
+
+
+def params_from(config: Config) -> Params:
+    return Params(net=config.net, features=config.features)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """dataset: the split (a :class:`~sppcli.data.voc.VocDataset`); source: the weights file."""
+
+    dataset: Any
+    source: NetSource
+    device: str = "cpu"
+    workers: int = 1
+
+
+def inputs_for(planner, plan, upstream: Mapping[str, Manifest], options) -> Inputs:
+    source = resolve_net_source(planner.config.features.weights, upstream.get("pretrain"))
+    return Inputs(dataset=planner.dataset(plan.split), source=source, device=resolve_device(options.device),
+                  workers=max(0, int(options.workers)))
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding and resizing (runs in DataLoader workers)
+
+
+def resize_uint8(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Bilinear, antialiased resize of uint8 RGB ``[3, H, W]`` to ``[3, height, width]`` uint8."""
+    if image.shape[-2:] == (height, width):
+        return image.contiguous()
+    resized = F.interpolate(image[None], size=(height, width), mode="bilinear", antialias=True,
+                            align_corners=False)
+    return resized[0].contiguous()
+
+
+def scale_image(image: np.ndarray, scales: Sequence[int], max_side: int) -> tuple[list[torch.Tensor], list[float]]:
+    """One decoded image at every scale.
+
+    Args:
+        image: uint8 ``[H, W, 3]`` RGB.
+        scales: target short sides.
+        max_side: cap on the long side (:func:`sppcli.ops.geometry.scaled_size`).
+
+    Returns:
+        (uint8 ``[3, h_i, w_i]`` tensors, resize factors), one per scale.
+    """
+    height, width = image.shape[:2]
+    # Decoders may hand out read-only arrays, which torch refuses to wrap without a copy.
+    image = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)
+    chw = torch.from_numpy(image).permute(2, 0, 1)
+    resized, factors = [], []
+    for s in scales:
+        new_w, new_h, factor = scaled_size(width, height, int(s), int(max_side))
+        resized.append(resize_uint8(chw, new_w, new_h))
+        factors.append(float(factor))
+    return resized, factors
+
+
+class ScaledImages(Dataset):
+    """Pending images of a split, decoded and resized to every scale (one sample per image)."""
+
+    def __init__(self, dataset: Any, ids: Sequence[str], scales: Sequence[int], max_side: int):
+        self.dataset = dataset
+        self.ids = list(ids)
+        self.scales = [int(s) for s in scales]
+        self.max_side = int(max_side)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        started = time.perf_counter()
+        image_id = self.ids[index]
+        image = self.dataset.load_image(image_id)
+        images, factors = scale_image(image, self.scales, self.max_side)
+        return {"id": image_id, "width": int(image.shape[1]), "height": int(image.shape[0]),
+                "images": images, "factors": factors, "decode_seconds": time.perf_counter() - started}
+
+
+# ---------------------------------------------------------------------------------------------
+# the net
+
+
+def autocast_context(device: str, mode: str):
+    """``torch.autocast`` for ``mode`` (``none`` | ``bf16`` | ``fp16``) on ``device``."""
+    if mode not in AUTOCAST:
+        raise ValueError(f"features.autocast = {mode!r}; use one of {', '.join(AUTOCAST)}")
+    if AUTOCAST[mode] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=AUTOCAST[mode])
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def conv5_map(trunk: torch.nn.Module, image: torch.Tensor, device: str, autocast: str) -> tuple[torch.Tensor, float]:
+    """conv5 of one uint8 ``[3, h, w]`` image: (float ``[C, H, W]`` on ``device``, forward seconds).
+
+    The seconds cover the trunk's forward pass only (synchronised on CUDA), not the transfer
+    or the normalisation.
+    """
+    x = normalize(image.to(device, non_blocking=True)[None])
+    _synchronize(device)
+    started = time.perf_counter()
+    with torch.inference_mode(), autocast_context(device, autocast):
+        fmap = trunk(x)
+    _synchronize(device)
+    return fmap[0], time.perf_counter() - started
+
+
+def peak_memory_bytes(device: str) -> int:
+    """CUDA: max allocated on ``device`` since the last reset. CPU: this process's peak RSS."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------
+# items
+
+
+def write_feature_item(h5: h5py.File, maps: Sequence[np.ndarray], width: int, height: int, scales: Sequence[int],
+                       factors: Sequence[float], scaled_sizes: Sequence[Sequence[int]], conv_seconds: float,
+                       decode_seconds: float) -> None:
+    """Fill one opened features item (schema in the module docstring); ``scaled_sizes`` are
+    the ``[w, h]`` of the resized images."""
+    for i, fmap in enumerate(maps):
+        h5.create_dataset(f"conv5_{i}", data=fmap)
+    h5.attrs["width"] = int(width)
+    h5.attrs["height"] = int(height)
+    h5.attrs["scales"] = np.asarray(scales, dtype=np.int64)
+    h5.attrs["scale_factors"] = np.asarray(factors, dtype=np.float64)
+    h5.attrs["scaled_sizes"] = np.asarray(scaled_sizes, dtype=np.int64).reshape(-1, 2)
+    h5.attrs["conv_seconds"] = float(conv_seconds)
+    h5.attrs["decode_seconds"] = float(decode_seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureItem:
+    """One features item, read back.
+
+    Attributes:
+        width, height: original image size (stored pixels).
+        scales: target short sides; scale_factors: resize factor per scale;
+        scaled_sizes: ``[S, 2]`` int ``[w, h]`` of the resized images;
+        maps: ``[C, H_i, W_i]`` per scale in the stored dtype (empty if not loaded).
+    """
+
+    width: int
+    height: int
+    scales: tuple[int, ...]
+    scale_factors: tuple[float, ...]
+    scaled_sizes: np.ndarray
+    maps: tuple[np.ndarray, ...]
+
+
+def read_feature_item(path: Path, load_maps: bool = True) -> FeatureItem:
+    """Read ``items/<id>.h5`` of a features artifact."""
+    with h5py.File(path, "r") as f:
+        scales = tuple(int(s) for s in f.attrs["scales"])
+        maps = tuple(f[f"conv5_{i}"][()] for i in range(len(scales))) if load_maps else ()
+        return FeatureItem(width=int(f.attrs["width"]), height=int(f.attrs["height"]), scales=scales,
+                           scale_factors=tuple(float(x) for x in f.attrs["scale_factors"]),
+                           scaled_sizes=np.asarray(f.attrs["scaled_sizes"], dtype=np.int64).reshape(-1, 2),
+                           maps=maps)
+
+
+def _item_timings(items_dir: Path, ids: Sequence[str]) -> tuple[float | None, float | None, float | None]:
+    conv, decode, sizes = [], [], []
+    for image_id in ids:
+        path = items_dir / f"{image_id}.h5"
+        with h5py.File(path, "r") as f:
+            conv.append(float(f.attrs["conv_seconds"]))
+            decode.append(float(f.attrs["decode_seconds"]))
+        sizes.append(path.stat().st_size)
+
+    def mean(values):
+        return float(np.mean(values)) if values else None
+
+    return mean(conv), mean(decode), mean(sizes)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def _check_params(features: FeatureParams) -> None:
+    if features.dtype not in DTYPES:
+        raise ValueError(f"features.dtype = {features.dtype!r}; use one of {', '.join(DTYPES)}")
+    if features.autocast not in AUTOCAST:
+        raise ValueError(f"features.autocast = {features.autocast!r}; use one of {', '.join(AUTOCAST)}")
+    if not features.scales or min(features.scales) < 1:
+        raise ValueError(f"features.scales must list positive short sides, got {features.scales!r}")
+    if features.max_side < 1:
+        raise ValueError(f"features.max_side must be positive, got {features.max_side}")
+
+
+def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
+    fp = params.features
+    _check_params(fp)
+    device = inputs.device
+    scales = [int(s) for s in fp.scales]
+    ids = list(inputs.dataset.ids)
+    pending = out.pending(ids)
+
+    net, arch = load_source(inputs.source, params.net, map_location=device)
+    trunk = net.trunk.eval()
+    record = net_record(inputs.source, net, arch)
+    log.info("features: %d of %d images to do, scales %s, %s trunk (%d channels, stride %d) from %s, device %s",
+             len(pending), len(ids), scales, arch["trunk"], record["channels"], record["stride"],
+             inputs.source.path, device)
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    loader = DataLoader(ScaledImages(inputs.dataset, pending, scales, fp.max_side), batch_size=None,
+                        shuffle=False, num_workers=inputs.workers,
+                        pin_memory=torch.device(device).type == "cuda")
+    started = time.perf_counter()
+    for sample in progress(loader, total=len(pending), desc="features", unit="img"):
+        maps, conv_seconds = [], 0.0
+        for scale, image in zip(scales, sample["images"]):
+            map_h, map_w = trunk.feature_map_size(int(image.shape[1]), int(image.shape[2]))
+            if map_h < 1 or map_w < 1:
+                raise ValueError(f"image {sample['id']} at scale {scale} ({image.shape[2]} x {image.shape[1]}) is "
+                                 f"too small for the {arch['trunk']} trunk; use larger features.scales")
+            fmap, seconds = conv5_map(trunk, image, device, fp.autocast)
+            conv_seconds += seconds
+            # Cast on the device: half the bytes to copy back for float16 storage.
+            stored = fmap.to(TORCH_DTYPES[fp.dtype]).cpu().numpy()
+            if not np.isfinite(stored).all():
+                raise ValueError(f"image {sample['id']} scale {scale}: conv5 values overflow {fp.dtype}; "
+                                 "set features.dtype=float32")
+            maps.append(stored)
+        sizes = [[int(image.shape[2]), int(image.shape[1])] for image in sample["images"]]
+        write_item(out, sample["id"], maps, sample["width"], sample["height"], scales, sample["factors"], sizes,
+                   conv_seconds, sample["decode_seconds"])
+    wall = time.perf_counter() - started
+
+    conv_mean, decode_mean, bytes_mean = _item_timings(out.items_dir, ids)
+    metrics = {
+        "net": record,
+        "scales": scales,
+        "max_side": int(fp.max_side),
+        "dtype": fp.dtype,
+        "autocast": fp.autocast,
+        "conv_seconds_per_image": conv_mean,
+        "decode_seconds_per_image": decode_mean,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "bytes_per_image": bytes_mean,
+        "images_this_run": len(pending),
+    }
+    if pending:
+        metrics["images_per_second_this_run"] = len(pending) / wall if wall > 0 else None
+    return out.finish(metrics=metrics, timings={"extract_seconds": round(wall, 3)}, n_items=len(ids), device=device)
+
+
+def write_item(out: StageRun, image_id: str, maps: Sequence[np.ndarray], width: int, height: int,
+               scales: Sequence[int], factors: Sequence[float], scaled_sizes: Sequence[Sequence[int]],
+               conv_seconds: float, decode_seconds: float) -> None:
+    """Write one image's item atomically (a kill leaves no half-written item)."""
+    with out.write_item(image_id) as h5:
+        write_feature_item(h5, maps, width, height, scales, factors, scaled_sizes, conv_seconds, decode_seconds)

@@ -1,0 +1,298 @@
+"""Stage "pool": spatial pyramid pooling of every window on its conv5 map (paper section 4.1).
+
+Per image, the windows are its ground-truth boxes (all of them, difficult ones included) followed
+by its proposals. Each window is pooled on one scale's conv5 map: the scale at which its area is
+closest to 224 x 224 (:func:`sppcli.ops.geometry.best_scale_index`). The window, multiplied by
+that scale's resize factor, is mapped onto inclusive conv5 cells with the trunk's receptive-field
+geometry (:func:`sppcli.ops.geometry.window_to_cells`), and the cells are max-pooled into
+``pool.levels`` (1x1, 2x2, 3x3, 6x6 by default: 50 bins, 12,800-d for 256 channels) by
+:func:`sppcli.ops.spp_pool.spp_pool`. The stage also records each window's IoU with the best
+ground truth of every class, which is all that fine-tuning, the SVMs and box regression need
+to pick their samples.
+
+Output: ``items/<id>.h5`` per image with (N windows, G ground truths, K classes, D features)
+
+* ``boxes`` float32 ``[N, 4]``: internal ``(x1, y1, x2, y2)``, original image coordinates;
+  rows ``0 .. G-1`` are the ground truths in annotation order, then the proposals.
+* ``is_gt`` bool ``[N]``; ``gt_label`` int16 ``[N]`` (class index, -1 for proposals);
+* ``scale_index`` int8 ``[N]`` (index into the features item's scales);
+  ``cells`` int32 ``[N, 4]`` (inclusive conv5 cells on that scale's map);
+* ``features`` ``[N, D]`` (``pool.dtype``), levels in ``pool.levels`` order, each level
+  channel-major then bin row then bin column;
+* ``overlaps`` float32 ``[N, K]``: IoU with the best ground truth of each class (difficult
+  included; 0 where the class has none);
+* ``assigned_gt`` int32 ``[N]``: row of ``gt_boxes`` with the highest IoU, -1 if no ground
+  truth overlaps the window;
+* ``gt_boxes`` float32 ``[G, 4]``, ``gt_labels`` int16 ``[G]``, ``gt_difficult`` bool ``[G]``;
+* attributes ``width``, ``height`` and ``seconds`` (that image's pooling time).
+
+N = 0 is a valid item (no ground truth and no proposals).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import h5py
+import numpy as np
+import torch
+
+from sppcli.artifacts import Manifest, StageRun, atomic_path
+from sppcli.config import Config, PoolParams
+from sppcli.ops.boxes import box_iou
+from sppcli.ops.geometry import FieldGeometry, best_scale_index, window_to_cells
+from sppcli.ops.spp_pool import pooled_dim, spp_pool
+from sppcli.parallel import map_images
+from sppcli.pipeline import VERSIONS
+from sppcli.stages.features import FeatureItem, read_feature_item
+
+VERSION = VERSIONS["pool"]
+log = logging.getLogger(__name__)
+
+Params = PoolParams
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def params_from(config: Config) -> PoolParams:
+    return config.pool
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The split, its proposals and features artifacts, and how to spread the work."""
+
+    dataset: Any  # sppcli.data.voc.VocDataset
+    proposals: Manifest
+    features: Manifest
+    workers: int = 1
+    scheduler: str | None = None
+
+
+def inputs_for(planner, plan, upstream: Mapping[str, Manifest], options) -> Inputs:
+    return Inputs(dataset=planner.dataset(plan.split), proposals=upstream["proposals"],
+                  features=upstream["features"], workers=options.workers, scheduler=options.scheduler)
+
+
+def geometry_of(features: Manifest | Mapping) -> FieldGeometry:
+    """The trunk geometry recorded in a features manifest's ``metrics["net"]``."""
+    record = features if isinstance(features, Mapping) else features.metrics["net"]
+    return FieldGeometry(stride=int(record["stride"]), offset0=float(record["offset0"]),
+                         offset=float(record["offset"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# per-window computations (pure functions)
+
+
+def pool_windows(boxes: np.ndarray, item: FeatureItem, geometry: FieldGeometry,
+                 levels: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pool every window on its best scale.
+
+    Args:
+        boxes: float ``[N, 4]`` internal ``(x1, y1, x2, y2)`` in original image coordinates.
+        item: the image's features item (maps loaded).
+        geometry: the trunk's :class:`~sppcli.ops.geometry.FieldGeometry`.
+        levels: pyramid levels, in output order.
+
+    Returns:
+        ``(scale_index int8 [N], cells int32 [N, 4], features float32 [N, C * sum(n * n)])``.
+    """
+    boxes_t = torch.from_numpy(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+    channels = int(item.maps[0].shape[0])
+    count = boxes_t.shape[0]
+    features = np.empty((count, pooled_dim(channels, levels)), dtype=np.float32)
+    cells = np.empty((count, 4), dtype=np.int32)
+    if count == 0:
+        return np.empty(0, dtype=np.int8), cells, features
+    scale_index = best_scale_index(boxes_t, item.scale_factors)
+    for i, (factor, fmap) in enumerate(zip(item.scale_factors, item.maps)):
+        rows = torch.nonzero(scale_index == i).flatten()
+        if rows.numel() == 0:
+            continue
+        # float32 keeps the pooled maxima exact for float16 maps and is fast on every CPU.
+        conv5 = torch.from_numpy(np.asarray(fmap, dtype=np.float32))
+        window_cells = window_to_cells(boxes_t[rows] * factor, geometry, conv5.shape[1], conv5.shape[2])
+        features[rows.numpy()] = spp_pool(conv5, window_cells, levels).numpy()
+        cells[rows.numpy()] = window_cells.numpy()
+    return scale_index.numpy().astype(np.int8), cells, features
+
+
+def window_overlaps(boxes: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray,
+                    num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """IoU of windows with ground truth.
+
+    Args:
+        boxes: ``[N, 4]``, gt_boxes: ``[G, 4]``, internal boxes; gt_labels: int ``[G]`` class indices.
+        num_classes: K.
+
+    Returns:
+        ``(overlaps float32 [N, K], assigned_gt int32 [N])``: per class the best IoU with a
+        ground truth of that class (0 if none); the index of the ground truth with the highest
+        IoU overall, -1 where every IoU is 0 (or G = 0).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
+    gt_labels = np.asarray(gt_labels, dtype=np.int64).reshape(-1)
+    count = boxes.shape[0]
+    overlaps = np.zeros((count, num_classes), dtype=np.float32)
+    assigned = np.full(count, -1, dtype=np.int32)
+    if count == 0 or gt_boxes.shape[0] == 0:
+        return overlaps, assigned
+    iou = box_iou(torch.from_numpy(boxes), torch.from_numpy(gt_boxes)).numpy()  # [N, G] float64
+    for k in np.unique(gt_labels):
+        overlaps[:, k] = iou[:, gt_labels == k].max(axis=1)
+    best = iou.argmax(axis=1)
+    hit = iou[np.arange(count), best] > 0
+    assigned[hit] = best[hit]
+    return overlaps, assigned
+
+
+# ---------------------------------------------------------------------------------------------
+# one image (runs in map_images workers)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolJob:
+    """Everything one worker needs for one image (small: paths and ground-truth arrays)."""
+
+    image_id: str
+    proposals_path: str
+    features_path: str
+    item_path: str
+    gt_boxes: np.ndarray  # float32 [G, 4]
+    gt_labels: np.ndarray  # int16 [G]
+    gt_difficult: np.ndarray  # bool [G]
+
+
+def read_proposals(path: Path) -> tuple[np.ndarray, int, int]:
+    """``(boxes float32 [N, 4], width, height)`` of a proposals item."""
+    with h5py.File(path, "r") as f:
+        return (np.asarray(f["boxes"][()], dtype=np.float32).reshape(-1, 4), int(f.attrs["width"]),
+                int(f.attrs["height"]))
+
+
+def pool_image(job: PoolJob, *, levels: Sequence[int], dtype: str, geometry: FieldGeometry, num_classes: int,
+               single_thread: bool = False) -> dict:
+    """Pool one image's windows and write its item atomically. Returns a small summary."""
+    if single_thread:
+        # Several worker processes share the cores; torch's own threads would oversubscribe them.
+        torch.set_num_threads(1)
+    started = time.perf_counter()
+    proposals, width, height = read_proposals(Path(job.proposals_path))
+    item = read_feature_item(Path(job.features_path))
+    if (item.width, item.height) != (width, height):
+        raise ValueError(f"image {job.image_id}: proposals were made on a {width} x {height} image but "
+                         f"features on {item.width} x {item.height}; rerun both stages on the same devkit")
+    gt_boxes = np.asarray(job.gt_boxes, dtype=np.float32).reshape(-1, 4)
+    gt_labels = np.asarray(job.gt_labels, dtype=np.int16).reshape(-1)
+    boxes = np.concatenate([gt_boxes, proposals], axis=0)
+    num_gt = gt_boxes.shape[0]
+    scale_index, cells, features = pool_windows(boxes, item, geometry, levels)
+    overlaps, assigned = window_overlaps(boxes, gt_boxes, gt_labels, num_classes)
+    is_gt = np.zeros(boxes.shape[0], dtype=bool)
+    is_gt[:num_gt] = True
+    gt_label = np.full(boxes.shape[0], -1, dtype=np.int16)
+    gt_label[:num_gt] = gt_labels
+    seconds = time.perf_counter() - started
+    with atomic_path(Path(job.item_path)) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("boxes", data=boxes)
+            f.create_dataset("is_gt", data=is_gt)
+            f.create_dataset("gt_label", data=gt_label)
+            f.create_dataset("scale_index", data=scale_index)
+            f.create_dataset("cells", data=cells)
+            f.create_dataset("features", data=features.astype(DTYPES[dtype]))
+            f.create_dataset("overlaps", data=overlaps)
+            f.create_dataset("assigned_gt", data=assigned)
+            f.create_dataset("gt_boxes", data=gt_boxes)
+            f.create_dataset("gt_labels", data=gt_labels)
+            f.create_dataset("gt_difficult", data=np.asarray(job.gt_difficult, dtype=bool).reshape(-1))
+            f.attrs["width"] = int(width)
+            f.attrs["height"] = int(height)
+            f.attrs["seconds"] = float(seconds)
+    return {"id": job.image_id, "boxes": int(boxes.shape[0]), "seconds": seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def _check_params(params: PoolParams) -> None:
+    if params.dtype not in DTYPES:
+        raise ValueError(f"pool.dtype = {params.dtype!r}; use one of {', '.join(DTYPES)}")
+    if not params.levels or any(int(n) < 1 for n in params.levels) or len(set(params.levels)) != len(params.levels):
+        raise ValueError(f"pool.levels must be distinct positive integers, got {params.levels!r}")
+
+
+def _summary(items_dir: Path, ids: Sequence[str], num_scales: int) -> dict:
+    seconds, sizes, boxes, gts = [], [], [], []
+    scale_counts = np.zeros(num_scales, dtype=np.int64)
+    for image_id in ids:
+        path = items_dir / f"{image_id}.h5"
+        with h5py.File(path, "r") as f:
+            seconds.append(float(f.attrs["seconds"]))
+            boxes.append(int(f["boxes"].shape[0]))
+            gts.append(int(f["gt_boxes"].shape[0]))
+            scale_counts += np.bincount(f["scale_index"][()].astype(np.int64), minlength=num_scales)[:num_scales]
+        sizes.append(path.stat().st_size)
+
+    def mean(values):
+        return float(np.mean(values)) if values else None
+
+    total = int(scale_counts.sum())
+    return {
+        "pool_seconds_per_image": mean(seconds),
+        "bytes_per_image": mean(sizes),
+        "boxes_per_image": mean(boxes),
+        "max_boxes_per_image": max(boxes) if boxes else 0,
+        "gt_per_image": mean(gts),
+        "windows": int(sum(boxes)),
+        "scale_fractions": [float(c / total) if total else 0.0 for c in scale_counts],
+    }
+
+
+def run(params: PoolParams, inputs: Inputs, out: StageRun) -> Manifest:
+    _check_params(params)
+    levels = [int(n) for n in params.levels]
+    dataset = inputs.dataset
+    classes = list(dataset.classes)
+    record = inputs.features.metrics["net"]
+    geometry = geometry_of(record)
+    channels = int(record["channels"])
+    net_levels = record.get("arch", {}).get("levels", levels)
+    if sorted(net_levels) != sorted(levels):
+        log.warning("pool.levels %s hold other bins than the net's SPP levels %s: pool5 features work, but the "
+                    "net's fc6 cannot take these vectors (fine-tuning and fc6/fc7 SVMs will refuse them)",
+                    levels, list(net_levels))
+    ids = list(dataset.ids)
+    pending = out.pending(ids)
+    jobs = []
+    for image_id in pending:
+        gt = dataset.ground_truth(image_id)
+        jobs.append(PoolJob(image_id=image_id, proposals_path=str(inputs.proposals.item_path(image_id)),
+                            features_path=str(inputs.features.item_path(image_id)),
+                            item_path=str(out.item_path(image_id)), gt_boxes=gt.boxes.astype(np.float32),
+                            gt_labels=gt.labels.astype(np.int16), gt_difficult=gt.difficult.astype(bool)))
+    parallel = inputs.workers > 1 or inputs.scheduler is not None
+    fn = functools.partial(pool_image, levels=levels, dtype=params.dtype, geometry=geometry,
+                           num_classes=len(classes), single_thread=parallel)
+    log.info("pool: %d of %d images to do, levels %s (%d-d), %d classes", len(pending), len(ids), levels,
+             pooled_dim(channels, levels), len(classes))
+    started = time.perf_counter()
+    map_images(fn, jobs, workers=inputs.workers, scheduler=inputs.scheduler, desc="pool")
+    wall = time.perf_counter() - started
+    metrics = {
+        "feature_dim": pooled_dim(channels, levels),
+        "levels": levels,
+        "channels": channels,
+        "classes": classes,
+        "dtype": params.dtype,
+        "scales": list(inputs.features.metrics.get("scales", [])),
+        "images_this_run": len(pending),
+        **_summary(out.items_dir, ids, len(inputs.features.metrics.get("scales", [])) or 1),
+    }
+    return out.finish(metrics=metrics, timings={"pool_seconds": round(wall, 3)}, n_items=len(ids), device="cpu")
