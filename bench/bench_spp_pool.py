@@ -4,8 +4,10 @@ Workload: one conv5-sized map (256 x 43 x 57, a ZF-5 map of a ~688 x 912 image) 
 random proposal-like windows in image coordinates, mapped onto cells by window_to_cells (so
 the duplicate rate is the realistic one: small windows often collapse onto the same cells).
 
-Run: python bench/bench_spp_pool.py [--windows 2000] [--repeats 5] [--seed 0]
-Prints the best-of-repeats seconds and the speed-up over the loop; a CUDA row when available.
+Run: python bench/bench_spp_pool.py [--windows 2000] [--repeats 5] [--seed 0] [--threads N]
+Prints the best-of-repeats wall-clock seconds and the speed-up over the loop; a CUDA row when
+available. Timings on a machine shared with other jobs are meaningless with several threads
+(OpenMP threads wait on each other); ``--threads 1`` is the steadier comparison there.
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     generator = torch.Generator().manual_seed(args.seed)
     fmap = torch.randn(CHANNELS, HEIGHT, WIDTH, generator=generator).clamp(min=0)  # post-ReLU

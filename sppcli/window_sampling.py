@@ -197,8 +197,9 @@ def regression_selection(overlaps: np.ndarray, assigned_gt: np.ndarray, gt_label
 
     A window is used when its IoU with its max-IoU ground truth (``assigned_gt``) is
     ``>= min_iou``; its class is that ground truth's class and its target that ground truth's
-    box (R-CNN's ``rcnn_train_bbox_regressor``). Ground-truth windows qualify (IoU 1) and get
-    zero targets.
+    box (R-CNN's ``rcnn_train_bbox_regressor``, whose example gathering uses ``>=``; its
+    per-class fit then keeps ``> min_iou``, which :func:`sppcli.bbox_regression.fit_ridge_regressors`
+    applies). Ground-truth windows qualify (IoU 1) and get zero targets.
 
     Returns:
         ``(rows int64 [M], classes int64 [M], gt_index int64 [M])``.

@@ -55,6 +55,11 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 def tiny_config(devkit: Path, weights: Path | None = None, *overrides: str) -> Config:
     """The tiny end-to-end config used by stage tests; ``overrides`` are ``--set`` strings."""
+    return load_config(None, tiny_sets(devkit, weights) + list(overrides))
+
+
+def tiny_sets(devkit: Path, weights: Path | None = None) -> list[str]:
+    """The ``--set`` strings of :func:`tiny_config` (for tests that drive the CLI)."""
     sets = [
         f"dataset.devkit={str(devkit)!r}",
         "net.width=0.125", "net.hidden=64",
@@ -67,7 +72,7 @@ def tiny_config(devkit: Path, weights: Path | None = None, *overrides: str) -> C
     ]
     if weights is not None:
         sets.append(f"features.weights={str(weights)!r}")
-    return load_config(None, sets + list(overrides))
+    return sets
 
 
 @pytest.fixture()

@@ -13,6 +13,9 @@ gathers instead of ``len(levels)`` small pooling calls per window:
 * A 2D sparse table holds the max of every ``2^ky x 2^kx`` block of the map, so the max of any
   rectangle is the max of four (possibly overlapping) power-of-two blocks: four row gathers of
   a channels-last table per bin. Max is exact, so overlap and order do not change the result.
+  Where a bin side is itself a power of two its two blocks coincide; most bins of proposal
+  windows are 1-2 cells wide, so the extra blocks are gathered only for the bins that need
+  them (or for all bins when most do).
 * A level ``n`` whose multiple ``m`` is also requested is not looked up: bin ``i`` of ``n``
   is exactly the union of bins ``i*m/n .. (i+1)*m/n - 1`` of ``m`` (the floor/ceil edges
   coincide), so it is the max over those ``(m/n)^2`` finer bins. With levels (1, 2, 3, 6) only
@@ -161,8 +164,8 @@ class _Correction:
 
     corner_rows: Tensor  # [K] table rows: all bins if dense, else one per listed bin
     dense: bool
-    bin_ids: Tensor | None = None
-    bounds: list[int] | None = None
+    chunk_bin_ids: Tensor | None = None  # listed bins, numbered within their chunk
+    bounds: list[int] | None = None  # listed bins of chunk c: [bounds[c], bounds[c + 1])
 
 
 @dataclass
@@ -179,8 +182,12 @@ class _Lookup:
 _SPARSE_LIMIT = 0.5
 
 
-def _plan_lookup(y_lo, y_hi, x_lo, x_hi, log2, depth_x, height, width, chunk) -> _Lookup:
-    """Corner rows of every bin of one level; ``y_lo`` etc. are ``[N, n]`` absolute edges.
+def _plan_lookup(
+    y_lo: Tensor, y_hi: Tensor, x_lo: Tensor, x_hi: Tensor,
+    log2: Tensor, depth_x: int, height: int, width: int, chunk: int,
+) -> _Lookup:
+    """Corner rows of every bin of one level; ``y_lo`` etc. are ``[N, n]`` absolute edges,
+    ``log2`` the floor-log2 table, ``depth_x`` the table's x depth, ``chunk`` windows per chunk.
 
     A bin ``[y_lo, y_hi) x [x_lo, x_hi)`` is the union of the blocks of size
     ``2^ky x 2^kx`` (``2^k`` the largest power of two not above the side) anchored at
@@ -212,11 +219,13 @@ def _plan_lookup(y_lo, y_hi, x_lo, x_hi, log2, depth_x, height, width, chunk) ->
             continue
         bin_ids = needs.nonzero().squeeze(1)
         bounds = torch.searchsorted(bin_ids, chunk_starts).tolist() + [needed]
-        corrections.append(_Correction(corner_rows=corner[bin_ids], dense=False, bin_ids=bin_ids, bounds=bounds))
+        corrections.append(_Correction(
+            corner_rows=corner[bin_ids], dense=False, chunk_bin_ids=bin_ids % bins_per_chunk, bounds=bounds,
+        ))
     return _Lookup(first_rows=rows_at(y_lo, x_lo), corrections=corrections)
 
 
-def _pool_unique(fmap: Tensor, cells: Tensor, levels: Sequence[int]) -> Tensor:
+def _pool_windows(fmap: Tensor, cells: Tensor, levels: Sequence[int]) -> Tensor:
     """The pooled features ``[N, D]`` of ``cells`` (already validated, N > 0)."""
     channels, height, width = fmap.shape
     device = fmap.device
@@ -275,7 +284,7 @@ def _pool_unique(fmap: Tensor, cells: Tensor, levels: Sequence[int]) -> Tensor:
                 lo, hi = fix.bounds[chunk_index], fix.bounds[chunk_index + 1]
                 if lo == hi:
                     continue
-                local = fix.bin_ids[lo:hi] - first_bin
+                local = fix.chunk_bin_ids[lo:hi]
                 more, now = extra[:hi - lo], current[:hi - lo]
                 torch.index_select(rows, 0, fix.corner_rows[lo:hi], out=more)
                 torch.index_select(pooled, 0, local, out=now)
@@ -291,7 +300,7 @@ def _pool_unique(fmap: Tensor, cells: Tensor, levels: Sequence[int]) -> Tensor:
 def _copy_transposed(target: Tensor, source: Tensor) -> None:
     """``target.copy_(source)`` for a permuted ``source``. numpy's strided copy is about twice
     as fast as torch's for these batched channel transposes, so CPU tensors go through it."""
-    if target.device.type == "cpu" and target.dtype in _NUMPY_DTYPES and not target.requires_grad:
+    if target.device.type == "cpu" and target.dtype in _NUMPY_DTYPES:
         np.copyto(target.numpy(), source.numpy())
     else:
         target.copy_(source)
@@ -302,13 +311,13 @@ def _merge_bins(finer: Tensor, group: int) -> Tensor:
     a ``group x group`` block of fine bins. Reduced one axis at a time with elementwise maxima
     (a multi-axis ``amax`` over this strided view is several times slower)."""
     count, m, _, channels = finer.shape
-    n = m // group
+    n = m // group  # group >= 2: a level is only merged from a strictly finer one
     along_x = finer.reshape(count, m, n, group, channels)
-    merged_x = torch.maximum(along_x[:, :, :, 0], along_x[:, :, :, 1]) if group > 1 else along_x[:, :, :, 0]
+    merged_x = torch.maximum(along_x[:, :, :, 0], along_x[:, :, :, 1])
     for k in range(2, group):
         torch.maximum(merged_x, along_x[:, :, :, k], out=merged_x)
     along_y = merged_x.reshape(count, n, group, n, channels)
-    merged = torch.maximum(along_y[:, :, 0], along_y[:, :, 1]) if group > 1 else along_y[:, :, 0]
+    merged = torch.maximum(along_y[:, :, 0], along_y[:, :, 1])
     for k in range(2, group):
         torch.maximum(merged, along_y[:, :, k], out=merged)
     return merged
@@ -340,16 +349,22 @@ def spp_pool(
 
     Raises:
         ValueError: on a malformed map, cells outside the map or non-positive levels.
+
+    Not differentiable: the result never requires grad (SPP-net trains only the layers
+    after pooling, from pooled features).
     """
     _check_inputs(fmap, cells, levels)
     channels = fmap.shape[0]
     if cells.shape[0] == 0:
         return fmap.new_empty((0, pooled_dim(channels, levels)))
+    fmap = fmap.detach()
     cells = cells.to(device=fmap.device, dtype=torch.long)
-    if not _dedup:
-        return _pool_unique(fmap, cells, levels)
-    unique_cells, inverse = torch.unique(cells, dim=0, return_inverse=True)
-    if unique_cells.shape[0] == cells.shape[0]:
-        # No duplicates: pooling in the original order avoids a full reordering copy.
-        return _pool_unique(fmap, cells, levels)
-    return _pool_unique(fmap, unique_cells, levels).index_select(0, inverse)
+    with torch.no_grad():
+        if not _dedup:
+            return _pool_windows(fmap, cells, levels)
+        unique_cells, inverse = torch.unique(cells, dim=0, return_inverse=True)
+        if unique_cells.shape[0] == cells.shape[0]:
+            # No duplicates: pooling in the original order avoids a full reordering copy.
+            return _pool_windows(fmap, cells, levels)
+        pooled = _pool_windows(fmap, unique_cells, levels)
+        return torch.index_select(pooled, 0, inverse, out=_new_large(pooled, (inverse.shape[0], pooled.shape[1])))

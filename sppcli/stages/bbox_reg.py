@@ -70,7 +70,8 @@ class Inputs:
 def inputs_for(planner, plan, upstream: Mapping[str, Manifest], options) -> Inputs:
     dataset = planner.dataset(plan.split)
     pool = upstream["pool"]
-    return Inputs(pool=pool, image_ids=tuple(dataset.ids), classes=tuple(pool.metrics.get("classes") or dataset.classes),
+    return Inputs(pool=pool, image_ids=tuple(dataset.ids),
+                  classes=tuple(pool.metrics.get("classes") or dataset.classes),
                   workers=options.workers, scheduler=options.scheduler)
 
 

@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 import torch
 
-from sppcli.artifacts import ArtifactStore, Manifest, StageRun, atomic_path, atomic_write_json
+from sppcli.artifacts import Manifest, StageRun, atomic_path, atomic_write_json
 from sppcli.config import DetectParams
 from sppcli.parallel import map_images, progress
 from sppcli.pipeline import VERSIONS, resolve_device
@@ -46,7 +46,6 @@ class Inputs:
     pool: Manifest
     svm: Manifest
     bbox_reg: Manifest | None
-    store_root: Path
     combine: tuple[Path, ...]
     device: str
     workers: int
@@ -63,7 +62,7 @@ def inputs_for(planner, plan, upstream, options) -> Inputs:
         if m.dataset != plan.dataset:
             raise ValueError(f"--combine {other}: detections of {m.dataset}, not {plan.dataset}")
     return Inputs(dataset=planner.dataset(plan.split), pool=upstream["pool"], svm=upstream["svm"],
-                  bbox_reg=upstream.get("bbox_reg"), store_root=planner.store.root, combine=combine,
+                  bbox_reg=upstream.get("bbox_reg"), combine=combine,
                   device=resolve_device(options.device), workers=options.workers, scheduler=options.scheduler)
 
 
@@ -74,12 +73,12 @@ def inputs_for(planner, plan, upstream, options) -> Inputs:
 class WindowScorer:
     """Scores of every class for a pool item's windows: SVMs on the layer they were trained on."""
 
-    def __init__(self, store_root: Path, svm_manifest: Manifest, bbox_reg_manifest: Manifest | None, device: str):
+    def __init__(self, svm_manifest: Manifest, bbox_reg_manifest: Manifest | None, device: str):
         from sppcli.bbox_regression import load_regressor
-        from sppcli.layer_features import LayerFeatures
+        from sppcli.stages.svm import for_svm
         from sppcli.svm import load_svms
 
-        self.layer = LayerFeatures.for_svm(ArtifactStore(store_root), svm_manifest, device)
+        self.layer = for_svm(svm_manifest, device)
         models, self.scale, self.class_names = load_svms(svm_manifest.path("svms.npz"))
         dim = next(m.w.shape[0] for m in models.values() if m is not None)
         self.W = np.zeros((dim, len(self.class_names)), dtype=np.float32)
@@ -88,7 +87,11 @@ class WindowScorer:
             if models[name] is not None:
                 self.W[:, k] = models[name].w
                 self.b[k] = models[name].b
-        self.regressor = load_regressor(bbox_reg_manifest.path("bbox_reg.npz")) if bbox_reg_manifest else None
+        self.regressor = None
+        if bbox_reg_manifest is not None:
+            self.regressor, reg_classes = load_regressor(bbox_reg_manifest.path("bbox_reg.npz"))
+            if reg_classes is not None and list(reg_classes) != list(self.class_names):
+                raise ValueError(f"bbox regressors are for classes {reg_classes}, SVMs for {self.class_names}")
 
     def __call__(self, pooled: np.ndarray) -> tuple[np.ndarray, float]:
         """(scores float32[N, K], seconds spent in fc layers) for pooled features [N, D]."""
@@ -99,22 +102,22 @@ class WindowScorer:
 
 
 @functools.lru_cache(maxsize=2)
-def _scorer(store_root: str, svm_dir: str, bbox_dir: str | None, device: str) -> WindowScorer:
+def _scorer(svm_dir: str, bbox_dir: str | None, device: str) -> WindowScorer:
     # One scorer per worker process, built on first use: loading the fc head and SVMs per image
     # would dominate the per-image time.
     svm = Manifest.read(Path(svm_dir) / "manifest.json")
     bbox = Manifest.read(Path(bbox_dir) / "manifest.json") if bbox_dir else None
-    return WindowScorer(Path(store_root), svm, bbox, device)
+    return WindowScorer(svm, bbox, device)
 
 
-def detect_image(image_id: str, *, pool_item: Path, out_item: Path, store_root: str, svm_dir: str,
+def detect_image(image_id: str, *, pool_item: Path, out_item: Path, svm_dir: str,
                  bbox_dir: str | None, device: str, params: Params) -> dict:
     """Pass 1 for one image: write its per-class candidates (after NMS) to ``out_item``."""
     from sppcli.ops.boxes import clip_boxes, nms
     from sppcli.window_sampling import read_pool_windows
 
     t0 = time.perf_counter()
-    scorer = _scorer(store_root, svm_dir, bbox_dir, device)
+    scorer = _scorer(svm_dir, bbox_dir, device)
     windows = read_pool_windows(pool_item, image_id)
     rows = np.flatnonzero(~windows.is_gt)
     boxes = windows.boxes[rows]
@@ -202,7 +205,7 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     workers = 1 if inputs.device.startswith("cuda") else inputs.workers
     todo = out.pending(ids)
     fn = functools.partial(_detect_pending, pool_dir=str(inputs.pool.dir), out_dir=str(out.items_dir),
-                           store_root=str(inputs.store_root.resolve()), svm_dir=str(inputs.svm.dir),
+                           svm_dir=str(inputs.svm.dir),
                            bbox_dir=str(inputs.bbox_reg.dir) if inputs.bbox_reg else None,
                            device=inputs.device, params=params)
     map_images(fn, todo, workers=workers, scheduler=inputs.scheduler, desc="detect")

@@ -348,7 +348,8 @@ def finetuned_net(net, head: FcHead, pool_levels: Sequence[int]):
     """``net`` with ``head`` (trained on vectors in ``pool_levels`` order) as its head, fc6
     columns put back into the net's own pyramid order."""
     perm = torch.from_numpy(pooled_permutation(net.levels, pool_levels, net.trunk.out_channels))
-    net.head.new_fc8(head.fc8.out_features)
+    with torch.random.fork_rng(devices=[]):  # its initial values are overwritten below
+        net.head.new_fc8(head.fc8.out_features)
     with torch.no_grad():
         net.head.fc6.weight[:, perm.to(net.head.fc6.weight.device)] = head.fc6.weight.to(net.head.fc6.weight.device)
         for name in ("fc6.bias", "fc7.weight", "fc7.bias", "fc8.weight", "fc8.bias"):

@@ -18,9 +18,9 @@ Following the authors' release (itself R-CNN's ``rcnn_train.m``):
 
 Every class is trained in the same pass over the images: each image's pool item is read and its
 layer features are computed once, then handed to every class. Each class's
-:func:`~sppcli.svm.train_class_svm` consumes its own stream in a thread of its own (bounded
-queues keep at most two images per class in flight), so the per-class models, which depend only
-on the order of their own streams, are the same as with one pass per class.
+:func:`~sppcli.svm.train_class_svm` consumes its own stream in a thread of its own, used as a
+coroutine (one thread works at a time; see :func:`train_all_classes`), so each model is exactly
+the one a separate pass per class would give.
 
 A class without positives is skipped with a warning (``metrics["skipped_classes"]``); it gets no
 model and detection gives it no detections.
@@ -28,11 +28,12 @@ model and detection gives it no detections.
 Output: ``svms.npz`` (:func:`sppcli.svm.save_svms`: weights, biases, feature scale, class
 names, training params and per-retrain history). ``metrics["head"]`` records the layer and the
 net whose head computes it (``path`` and ``arch`` as in a features manifest's ``metrics["net"]``,
-plus ``pool_levels``), which is what detection needs to compute the same features.
+plus ``pool_levels``); :func:`for_svm` rebuilds the same feature function from it for detection.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -44,7 +45,7 @@ import numpy as np
 
 from sppcli.artifacts import Manifest, StageRun
 from sppcli.config import Config, SvmParams as StageSvmParams
-from sppcli.feature_net import FC_LAYERS, detection_head, fc_features, load_net, load_net_for_features
+from sppcli.feature_net import FC_LAYERS, detection_head, fc_features, load_net
 from sppcli.parallel import progress
 from sppcli.pipeline import VERSIONS, resolve_device
 from sppcli.svm import (
@@ -66,7 +67,6 @@ OUTPUT = "svms.npz"
 NORM_SEED = 3  # R-CNN's seed_rand() seed for its feature statistics
 NORM_IMAGES = 200
 NORM_WINDOWS_PER_IMAGE = 200
-QUEUE_DEPTH = 2
 
 
 def params_from(config: Config) -> StageSvmParams:
@@ -120,7 +120,12 @@ def check_params(params: StageSvmParams) -> None:
 class LayerFeatures:
     """Pooled vectors -> features at ``layer`` (pool5: the vector itself; fc6/fc7: the head).
 
+    Build it with :meth:`from_record` from an SVM manifest's ``metrics["head"]`` (or
+    :func:`for_svm`), so that detection computes exactly the features the SVMs were trained on.
+
     Attributes:
+        layer: ``pool5``, ``fc6`` or ``fc7``.
+        head: the fc head with fc6 taking the pool items' level order (None for pool5).
         dim: length of the layer's feature vectors.
     """
 
@@ -130,29 +135,47 @@ class LayerFeatures:
         self.device = device
         self.dim = int(pooled_dim) if layer == "pool5" else int(head.hidden)
 
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], device: str = "cpu") -> "LayerFeatures":
+        """Rebuild from a :func:`head_record` dict (the net file must still exist)."""
+        if record["layer"] == "pool5":
+            return cls("pool5", None, device, record["pooled_dim"])
+        path = Path(record["path"])
+        if not path.is_file():
+            raise FileNotFoundError(f"the net {path} behind these SVMs' {record['layer']} features is gone; "
+                                    "rerun the stage that made it (or `sppcli train-svm --force`)")
+        net, _ = load_net(path, record["arch"], map_location="cpu")
+        head = detection_head(net, record["pool_levels"]).to(device).eval()
+        return cls(record["layer"], head, device, record["pooled_dim"])
+
     def __call__(self, pooled: np.ndarray) -> np.ndarray:
-        """float32 ``[N, D_layer]`` from pooled ``[N, D]`` (any float dtype)."""
+        """float32 ``[N, D_layer]`` from pooled ``[N, D]`` (any float dtype), eval mode."""
         return fc_features(self.head, pooled, self.layer, self.device)
 
 
-def head_record(params: StageSvmParams, inputs: Inputs) -> tuple[LayerFeatures, dict[str, Any]]:
-    """The layer's feature function and the ``metrics["head"]`` record that rebuilds it."""
-    pool_levels = [int(n) for n in inputs.pool.metrics["levels"]]
-    record: dict[str, Any] = {"layer": params.layer, "pool_levels": pool_levels}
+def for_svm(manifest: Manifest, device: str = "cpu") -> LayerFeatures:
+    """The feature function an SVM artifact was trained with."""
+    return LayerFeatures.from_record(manifest.metrics["head"], device)
+
+
+def head_record(params: StageSvmParams, inputs: Inputs) -> dict[str, Any]:
+    """What computes the SVM's layer: ``{"layer", "pool_levels", "pooled_dim", "source", "path",
+    "arch"}``; source/path/arch as in a features manifest's ``metrics["net"]`` (``"pool"``,
+    None, None for pool5), from the fine-tuned net when ``finetuned``."""
+    record: dict[str, Any] = {"layer": params.layer,
+                              "pool_levels": [int(n) for n in inputs.pool.metrics["levels"]],
+                              "pooled_dim": int(inputs.pool.metrics["feature_dim"])}
     if params.layer == "pool5":
         record.update({"source": "pool", "path": None, "arch": None})
-        return LayerFeatures("pool5", None, inputs.device, inputs.pool.metrics["feature_dim"]), record
+        return record
     if params.finetuned:
         if inputs.finetune is None:
             raise ValueError("svm.finetuned = true needs the finetune artifact; run `sppcli finetune-fc` first")
-        net_record = dict(inputs.finetune.metrics["net"])
-        net, _ = load_net(net_record["path"], None, map_location="cpu")
+        net_record = inputs.finetune.metrics["net"]
     else:
-        net_record = dict(inputs.features.metrics["net"])
-        net, _ = load_net_for_features(inputs.features, map_location="cpu")
+        net_record = inputs.features.metrics["net"]
     record.update({k: net_record[k] for k in ("source", "path", "arch")})
-    head = detection_head(net, pool_levels).to(inputs.device).eval()
-    return LayerFeatures(params.layer, head, inputs.device, inputs.pool.metrics["feature_dim"]), record
+    return record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,26 +229,46 @@ _END = object()
 _ABORT = object()
 
 
-def _stream(q: "queue.Queue") -> Iterator[np.ndarray]:
-    while True:
-        item = q.get()
-        if item is _END:
-            return
-        if item is _ABORT:
-            raise _Abort()
-        yield item
+class _ClassStream:
+    """The negative stream of one class's trainer thread, fed one batch at a time.
+
+    The trainer runs only between receiving a batch and asking for the next one; the feeder
+    waits for that request before going on. So at most one thread works at any moment, which
+    keeps every model deterministic: liblinear, under scikit-learn, seeds the C library's
+    global ``rand()`` before each solve, and two solves in parallel threads would draw from
+    each other's sequence.
+    """
+
+    def __init__(self) -> None:
+        self.inbox: queue.Queue = queue.Queue(maxsize=1)
+        self.requests: queue.Queue = queue.Queue()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            self.requests.put(True)
+            item = self.inbox.get()
+            if item is _END:
+                return
+            if item is _ABORT:
+                raise _Abort()
+            yield item
 
 
-def train_all_classes(positives: Sequence[np.ndarray], negative_batches: Iterator[list[np.ndarray | None]],
+def train_all_classes(positives: Sequence[np.ndarray], negative_batches: Iterator[list[np.ndarray]],
                       params: TrainParams, names: Sequence[str], log_line: Callable[[str, str], None]
                       ) -> dict[int, SvmModel | Exception]:
     """Train the classes with positives, all from one iterator of per-image batches.
+
+    Each class's :func:`sppcli.svm.train_class_svm` runs in a thread of its own, used as a
+    coroutine: it gets its batch of an image, works until it asks for the next one, and only
+    then does the next class (or the next image) go on. The result for each class is exactly
+    that of ``train_class_svm(positives[c], [batches[c] for batches in negative_batches])``.
 
     Args:
         positives: scaled positives ``[P_c, D]`` per class; classes with ``P_c == 0`` are not
             trained.
         negative_batches: per image, a list with one scaled ``[n, D]`` negative batch per class
-            (entries of untrained classes may be None).
+            (entries of untrained classes are ignored).
         names: class names, for log lines.
         log_line: ``log_line(class_name, line)`` after each retrain.
 
@@ -234,57 +277,58 @@ def train_all_classes(positives: Sequence[np.ndarray], negative_batches: Iterato
         :class:`~sppcli.svm.NoNegativesError` that stopped it.
     """
     active = [c for c, p in enumerate(positives) if len(p)]
-    queues = {c: queue.Queue(maxsize=QUEUE_DEPTH) for c in active}
+    streams = {c: _ClassStream() for c in active}
     results: dict[int, SvmModel | Exception] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(active)),
                                                thread_name_prefix="svm") as pool:
-        futures = {c: pool.submit(train_class_svm, positives[c], _stream(queues[c]), params,
+        futures = {c: pool.submit(train_class_svm, positives[c], iter(streams[c]), params,
                                   lambda line, name=names[c]: log_line(name, line))
                    for c in active}
 
-        def put(c: int, item: Any) -> None:
-            # A class whose thread died no longer reads its queue: never block on it, and stop
-            # the pass at once if it died of anything but a lack of negatives.
-            while not futures[c].done():
+        def wait_for(c: int) -> None:
+            # Until class c asks for its next batch, or its trainer has ended.
+            while True:
                 try:
-                    queues[c].put(item, timeout=0.1)
+                    streams[c].requests.get(timeout=0.05)
                     return
-                except queue.Full:
-                    continue
-            error = futures[c].exception()
-            if error is not None and not isinstance(error, NoNegativesError):
-                raise error
+                except queue.Empty:
+                    if futures[c].done():
+                        error = futures[c].exception()
+                        if error is not None and not isinstance(error, NoNegativesError):
+                            raise error
+                        return
+
+        def give(c: int, item: Any) -> None:
+            if not futures[c].done():
+                streams[c].inbox.put(item)
+                wait_for(c)
 
         try:
+            for c in active:
+                wait_for(c)
             for batches in negative_batches:
                 for c in active:
-                    put(c, batches[c])
+                    give(c, batches[c])
             for c in active:
-                put(c, _END)
+                give(c, _END)
+                try:
+                    results[c] = futures[c].result()
+                except NoNegativesError as error:
+                    results[c] = error
         except BaseException:
+            # Replace any batch not taken yet by an abort; each trainer ends at its next request.
             for c in active:
-                _drain(queues[c])
-                queues[c].put(_ABORT)
+                with contextlib.suppress(queue.Empty):
+                    streams[c].inbox.get_nowait()
+                streams[c].inbox.put_nowait(_ABORT)
             raise
-        for c in active:
-            try:
-                results[c] = futures[c].result()
-            except NoNegativesError as error:
-                results[c] = error
     return results
-
-
-def _drain(q: "queue.Queue") -> None:
-    while True:
-        try:
-            q.get_nowait()
-        except queue.Empty:
-            return
 
 
 def mining_batches(paths: Sequence[Path], num_classes: int, features: LayerFeatures, scale: float,
                    params: StageSvmParams, counts: list[int]) -> Iterator[list[np.ndarray]]:
-    """Per image, every class's scaled, deduplicated negatives (features computed once).
+    """Per image, every class's scaled, deduplicated negatives (features computed once per
+    image, then handed to every class).
 
     ``counts[c]`` accumulates the negatives offered to class c.
     """
@@ -295,10 +339,16 @@ def mining_batches(paths: Sequence[Path], num_classes: int, features: LayerFeatu
         feats = np.zeros((0, features.dim), np.float32)
         if needed.size:
             feats = features(windows.read_features(needed)) * np.float32(scale)
+        # Classes absent from the image share one negative set: hand them one array (the
+        # trainers only read it) rather than a copy each.
+        shared: dict[bytes, np.ndarray] = {}
         batches = []
         for c in range(num_classes):
             counts[c] += len(rows[c])
-            batches.append(feats[np.searchsorted(needed, rows[c])])
+            key = rows[c].tobytes()
+            if key not in shared:
+                shared[key] = feats[np.searchsorted(needed, rows[c])]
+            batches.append(shared[key])
         yield batches
 
 
@@ -309,7 +359,8 @@ def run(params: StageSvmParams, inputs: Inputs, out: StageRun) -> Manifest:
     paths = [inputs.pool.item_path(i) for i in inputs.image_ids]
     train_params = TrainParams.from_fields(params)
 
-    layer_features, head = head_record(params, inputs)
+    head = head_record(params, inputs)
+    layer_features = LayerFeatures.from_record(head, inputs.device)
     mean_norm, n_norm = mean_feature_norm(paths, layer_features, NORM_SEED, NORM_IMAGES, NORM_WINDOWS_PER_IMAGE,
                                           progress=lambda it, total: progress(it, total=total, desc="svm: norms"))
     scale = feature_scale(mean_norm, params.target_norm)

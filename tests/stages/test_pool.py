@@ -159,8 +159,9 @@ def test_image_without_ground_truth_or_proposals(tiny_devkit, tiny_weights, tmp_
     job = pool.PoolJob(image_id=image_id, proposals_path=str(proposals), features_path=str(feats.item_path(image_id)),
                        item_path=str(tmp_path / "item.h5"), gt_boxes=np.zeros((0, 4), np.float32),
                        gt_labels=np.zeros(0, np.int16), gt_difficult=np.zeros(0, bool))
+    threads = torch.get_num_threads()
     summary = pool.pool_image(job, levels=LEVELS, dtype="float16", geometry=pool.geometry_of(feats), num_classes=8)
-    assert summary["boxes"] == 0
+    assert summary["boxes"] == 0 and torch.get_num_threads() == threads
     item = read_item(tmp_path / "item.h5")
     channels = feats.metrics["net"]["channels"]
     assert item["features"].shape == (0, channels * 50) and item["overlaps"].shape == (0, 8)

@@ -90,7 +90,8 @@ def test_pool5_svms_are_saved_and_up_to_date(cache, tiny_devkit, tiny_weights):
     m = manifest.metrics
     models, scale, names = load_svms(manifest.path("svms.npz"))
     assert names == m["classes"] and scale == pytest.approx(m["feature_scale"])
-    assert m["head"] == {"layer": "pool5", "pool_levels": [1, 2, 3, 6], "source": "pool", "path": None, "arch": None}
+    assert m["head"] == {"layer": "pool5", "pool_levels": [1, 2, 3, 6], "pooled_dim": 1600, "source": "pool",
+                         "path": None, "arch": None}
     assert m["feature_dim"] == 1600
     for name in names:
         assert (models[name] is not None) == (m["positives"][name] > 0) == (name in m["trained_classes"])
@@ -114,14 +115,16 @@ def test_fc7_on_the_finetuned_head(cache, tiny_devkit, tiny_weights):
     assert head["source"] == "finetune" and head["layer"] == "fc7" and Path(head["path"]).is_file()
     models, scale, names = load_svms(manifest.path("svms.npz"))
     assert all(models[n].w.shape == (64,) for n in manifest.metrics["trained_classes"])
-    # the recorded head recomputes the features the SVMs were trained on: a class's positives
-    # score above the mean of its negatives
+    # the recorded head recomputes the features the SVMs were trained on (also by hand from the
+    # fine-tuned checkpoint): a class's positives score above the mean of its negatives
     net, _ = load_net(head["path"])
-    layer = detection_head(net, head["pool_levels"])
+    by_hand = detection_head(net, head["pool_levels"])
+    layer = svm.for_svm(manifest)
     pool = pool_manifest(planner)
     for image_id in planner.dataset("trainval").ids[:3]:
         windows = read_pool_windows(pool.item_path(image_id))
-        feats = fc_features(layer, windows.read_features(), "fc7") * scale
+        feats = layer(windows.read_features()) * scale
+        np.testing.assert_array_equal(feats, fc_features(by_hand, windows.read_features(), "fc7") * scale)
         for g in np.flatnonzero(windows.is_gt):
             name = names[windows.gt_label[g]]
             scores = feats @ models[name].w + models[name].b
@@ -141,3 +144,15 @@ def test_a_class_without_positives_is_skipped(tmp_path_factory, tiny_devkit, tin
     assert names[-1] == "zebra" and models["zebra"] is None
     assert sum(models[n] is not None for n in names) == len(m["trained_classes"]) >= 1
 
+
+
+def test_an_interrupted_pass_ends_every_trainer():
+    positives = [np.ones((2, 3), np.float32), np.full((2, 3), 2.0, np.float32)]
+
+    def images():
+        for _ in range(3):
+            yield [np.zeros((4, 3), np.float32), np.zeros((4, 3), np.float32)]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        svm.train_all_classes(positives, images(), SvmParams(), ["a", "b"], lambda name, line: None)

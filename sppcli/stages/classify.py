@@ -1,0 +1,265 @@
+"""`sppcli classify`: full-image classification with SPP features (paper section 3.2, Table 3).
+
+Each image is resized so that ``min(w, h) = classify.size`` (any aspect ratio), the net runs to
+conv5, its own SPP layer pools the *whole* map into one fixed-length vector, and the vector (or
+fc6 / fc7 computed from it, in eval mode) is l2-normalised. One linear SVM per class (sklearn's
+``LinearSVC``, ``C = classify.C``; the paper fixes C = 1 and uses no augmentation) is trained on
+the train split and scored on the test split.
+
+Image-level labels follow the VOC classification devkit: for class k an image is positive (1) if
+it holds a non-difficult object of k, "difficult" (0) if it holds only difficult ones, negative
+(-1) otherwise. Label-0 images are left out of that class's SVM training and are neither true nor
+false positives in its AP (``VOCevalcls.m``), which is the 11-point ("voc2007") AP of the test
+images ranked by score. mAP averages the classes with at least one positive test image.
+
+The net is the one behind the upstream features artifact (role "features_net"): the pretrain
+checkpoint or the weights file that ``features.weights`` names.
+
+Outputs: ``svms.npz`` (``weights`` float32 [K, D], ``bias`` float32 [K], ``trained`` bool [K],
+``classes``, ``layer``), ``ap.json`` (per-class AP, positives, mAP), ``scores.npz`` (test ids,
+scores float32 [N, K], labels int8 [N, K]). Metrics: ``mAP``, ``ap`` (class -> AP), ``layer``,
+``size``, ``feature_dim``, ``seconds_per_image``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+import time
+import warnings
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sppcli.artifacts import Manifest, StageRun, atomic_path, atomic_write_json
+from sppcli.config import ClassifyParams, Config
+from sppcli.feature_net import FC_LAYERS, load_net_for_features
+from sppcli.nets.sppnet import SppNet, normalize
+from sppcli.ops.geometry import scaled_size
+from sppcli.parallel import progress
+from sppcli.pipeline import VERSIONS, resolve_device
+from sppcli.voc_eval import average_precision, format_ap_table
+
+VERSION = VERSIONS["classify"]
+log = logging.getLogger(__name__)
+
+Params = ClassifyParams
+
+# No cap on the longer side: classification resizes by the shorter side only (paper section 3.2).
+_NO_MAX_SIDE = 1 << 30
+
+
+def params_from(config: Config) -> Params:
+    return config.classify
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    train: Any  # VocDataset of the train split
+    test: Any  # VocDataset of the test split
+    features: Manifest  # the upstream features artifact; its metrics["net"] names the net
+    device: str
+    workers: int
+
+
+def inputs_for(planner, plan, upstream: Mapping[str, Manifest], options) -> Inputs:
+    c = planner.config.dataset
+    return Inputs(train=planner.dataset(c.train_split), test=planner.dataset(c.test_split),
+                  features=upstream["features_net"], device=resolve_device(options.device),
+                  workers=options.workers)
+
+
+# ---------------------------------------------------------------------------------------------
+# labels and AP
+
+
+def image_labels(dataset: Any) -> np.ndarray:
+    """int8 ``[N, K]`` VOC classification labels of every image of ``dataset`` (ids order):
+    1 = a non-difficult object of the class, 0 = only difficult ones, -1 = none."""
+    labels = np.full((len(dataset.ids), len(dataset.classes)), -1, dtype=np.int8)
+    for row, image_id in enumerate(dataset.ids):
+        gt = dataset.ground_truth(image_id)
+        for label, difficult in zip(gt.labels, gt.difficult):
+            if not difficult:
+                labels[row, label] = 1
+            elif labels[row, label] < 0:
+                labels[row, label] = 0
+    return labels
+
+
+def classification_ap(scores: np.ndarray, labels: np.ndarray, metric: str = "voc2007") -> float:
+    """AP of one class over ranked images, as ``VOCevalcls.m`` computes it.
+
+    Args:
+        scores: float ``[N]`` image scores.
+        labels: int ``[N]`` in {1, 0, -1}; 0 (difficult only) is neither a true nor a false
+            positive but keeps its rank.
+    Returns:
+        AP, or NaN if no image is positive.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1)
+    n_pos = int(np.sum(labels > 0))
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")  # MATLAB's sort is stable
+    tp = np.cumsum(labels[order] > 0).astype(np.float64)
+    fp = np.cumsum(labels[order] < 0).astype(np.float64)
+    recall = tp / n_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = tp / (tp + fp)  # NaN before the first counted image, as in the devkit
+    return average_precision(recall, precision, metric)
+
+
+# ---------------------------------------------------------------------------------------------
+# features
+
+
+class ResizedImages(Dataset):
+    """Images of a split resized so ``min(w, h) = size``: uint8 ``[3, h, w]`` tensors."""
+
+    def __init__(self, dataset: Any, size: int):
+        self.dataset, self.size = dataset, int(size)
+
+    def __len__(self) -> int:
+        return len(self.dataset.ids)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self.dataset.load_image(self.dataset.ids[index])
+        height, width = image.shape[:2]
+        new_w, new_h, _ = scaled_size(width, height, self.size, _NO_MAX_SIDE)
+        chw = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        if (new_h, new_w) == (height, width):
+            return chw.contiguous()
+        resized = torch.nn.functional.interpolate(chw[None].float(), size=(new_h, new_w), mode="bilinear",
+                                                  antialias=True, align_corners=False)
+        return resized[0].round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def image_features(net: SppNet, image: torch.Tensor, layer: str) -> torch.Tensor:
+    """One full-image feature vector: uint8 ``[3, H, W]`` (on the net's device) -> float32
+    ``[D]`` at ``layer`` ("pool5" = the whole SPP vector, "fc6" / "fc7" after ReLU), not yet
+    normalised."""
+    pooled = net.pooled(normalize(image[None]))
+    if layer == "pool5":
+        out = pooled
+    elif layer == "fc6":
+        out = net.head.fc6_features(pooled)
+    elif layer == "fc7":
+        out = net.head.fc7_features(pooled)
+    else:
+        raise ValueError(f"unknown classify.layer {layer!r}; known layers: {', '.join(FC_LAYERS)}")
+    return out[0].float()
+
+
+def split_features(net: SppNet, dataset: Any, size: int, layer: str, device: str, workers: int,
+                   desc: str) -> np.ndarray:
+    """float32 ``[N, D]`` l2-normalised full-image features of every image of ``dataset``."""
+    net.eval()
+    loader = DataLoader(ResizedImages(dataset, size), batch_size=None, shuffle=False,
+                        num_workers=0 if workers <= 1 else int(workers))
+    rows = []
+    for image in progress(loader, total=len(dataset.ids), desc=desc):
+        rows.append(image_features(net, image.to(device), layer).cpu().numpy())
+    feats = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+    norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    return feats / np.maximum(norms, 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# SVMs
+
+
+def train_svms(features: np.ndarray, labels: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One-vs-rest linear SVMs.
+
+    Args:
+        features: float32 ``[N, D]``.
+        labels: int8 ``[N, K]`` in {1, 0, -1}; rows with 0 are left out of that class.
+        C: soft-margin parameter.
+    Returns:
+        (weights float32 ``[K, D]``, bias float32 ``[K]``, trained bool ``[K]``); a class
+        without both positives and negatives gets zero weights and ``trained = False``.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+
+    n_classes = labels.shape[1]
+    weights = np.zeros((n_classes, features.shape[1]), dtype=np.float32)
+    bias = np.zeros(n_classes, dtype=np.float32)
+    trained = np.zeros(n_classes, dtype=bool)
+    for k in range(n_classes):
+        keep = labels[:, k] != 0
+        y = labels[keep, k] > 0
+        if y.all() or not y.any():
+            continue
+        svm = LinearSVC(C=C, loss="squared_hinge", dual=True, max_iter=20000, random_state=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            svm.fit(features[keep], y.astype(np.int64))
+        weights[k] = svm.coef_[0]
+        bias[k] = svm.intercept_[0]
+        trained[k] = True
+    return weights, bias, trained
+
+
+def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
+    if params.layer not in FC_LAYERS:
+        raise ValueError(f"classify.layer = {params.layer!r}; known layers: {', '.join(FC_LAYERS)}")
+    if params.size < 1 or not params.C > 0:
+        raise ValueError(f"classify needs size >= 1 and C > 0, got size={params.size}, C={params.C}")
+    classes = list(inputs.train.classes)
+    if list(inputs.test.classes) != classes:
+        raise ValueError(f"train and test classes differ: {classes} vs {list(inputs.test.classes)}")
+    net, arch = load_net_for_features(inputs.features, map_location=inputs.device)
+
+    t0 = time.perf_counter()
+    train_x = split_features(net, inputs.train, params.size, params.layer, inputs.device, inputs.workers,
+                             f"classify {inputs.train.split}")
+    test_x = split_features(net, inputs.test, params.size, params.layer, inputs.device, inputs.workers,
+                            f"classify {inputs.test.split}")
+    feature_seconds = time.perf_counter() - t0
+    train_y, test_y = image_labels(inputs.train), image_labels(inputs.test)
+
+    t0 = time.perf_counter()
+    weights, bias, trained = train_svms(train_x, train_y, params.C)
+    svm_seconds = time.perf_counter() - t0
+    scores = test_x @ weights.T + bias
+
+    ap = {name: classification_ap(scores[:, k], test_y[:, k]) for k, name in enumerate(classes)}
+    valid = [v for v in ap.values() if not math.isnan(v)]
+    mean_ap = float(np.mean(valid)) if valid else float("nan")
+    n_pos = {name: int(np.sum(test_y[:, k] > 0)) for k, name in enumerate(classes)}
+
+    with atomic_path(out.dir / "svms.npz") as tmp:
+        np.savez(tmp, weights=weights, bias=bias, trained=trained, classes=np.array(classes),
+                 layer=np.array(params.layer), size=np.array(params.size))
+    with atomic_path(out.dir / "scores.npz") as tmp:
+        np.savez(tmp, ids=np.array(inputs.test.ids), scores=scores.astype(np.float32), labels=test_y)
+    # JSON has no NaN: a class without positive test images gets null.
+    ap_json = {name: (None if math.isnan(v) else v) for name, v in ap.items()}
+    atomic_write_json(out.dir / "ap.json", {"ap": ap_json, "mAP": None if math.isnan(mean_ap) else mean_ap,
+                                            "positives": n_pos, "layer": params.layer, "size": params.size,
+                                            "metric": "voc2007"})
+    print(format_ap_table({f"{params.layer} s={params.size}": ap}, classes), file=sys.stderr, end="")
+    print(f"classify: mAP {100 * mean_ap:.2f} ({params.layer}, s = {params.size}, {len(valid)} classes)",
+          file=sys.stderr)
+    n_images = len(inputs.train.ids) + len(inputs.test.ids)
+    metrics = {
+        "mAP": None if math.isnan(mean_ap) else mean_ap,
+        "ap": ap_json,
+        "positives": n_pos,
+        "svm_trained": {name: bool(t) for name, t in zip(classes, trained)},
+        "layer": params.layer,
+        "size": params.size,
+        "feature_dim": int(train_x.shape[1]),
+        "net": {"path": inputs.features.metrics.get("net", {}).get("path"), "arch": arch},
+        "seconds_per_image": feature_seconds / max(n_images, 1),
+    }
+    return out.finish(metrics=metrics, timings={"feature_seconds": round(feature_seconds, 3),
+                                                "svm_seconds": round(svm_seconds, 3)},
+                      n_items=n_images, device=inputs.device)
