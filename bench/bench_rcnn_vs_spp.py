@@ -4,7 +4,8 @@
   conv trunk on each warped crop (batched).
 * SPP-net: resize the whole image once (min(w, h) = 688; also the 5-scale
   {480, 576, 688, 864, 1200} variant), run the trunk once per scale, then map every window onto
-  its best scale's conv5 cells and pyramid-pool it (levels 1, 2, 3, 6) with the pool stage's code.
+  its best scale's conv5 cells and pyramid-pool it (levels 1, 2, 3, 6) with the pool stage's code
+  (single-threaded, as the stage runs it; float16 output, without the HDF5 write).
 
 To stay runnable on a 2-core CPU, R-CNN is timed on a sample of ``--rcnn-sample`` windows and
 extrapolated linearly to K (its cost is exactly linear in the window count: each window is one
@@ -32,7 +33,7 @@ from sppcli.data.voc import load_rgb  # noqa: E402
 from sppcli.nets.checkpoint import build_net  # noqa: E402
 from sppcli.nets.sppnet import normalize  # noqa: E402
 from sppcli.stages.features import FeatureItem, conv5_map, resize_uint8, scale_image  # noqa: E402
-from sppcli.stages.pool import pool_windows  # noqa: E402
+from sppcli.stages.pool import pool_windows, single_torch_thread  # noqa: E402
 
 ELEPHANTS = REPO.parent / "shared" / "data" / "voc-elephants" / "VOC2007"
 if not ELEPHANTS.exists():
@@ -81,24 +82,20 @@ def rcnn_seconds(trunk, image: torch.Tensor, boxes: np.ndarray, warp: int, batch
     return warp_seconds, time.perf_counter() - started
 
 
-def spp_seconds(trunk, image_hwc: np.ndarray, boxes: np.ndarray, scales, geometry, device: str) -> tuple[float, float, float]:
-    """(resize seconds, conv seconds, pool seconds) of SPP-net on ``boxes`` at ``scales``."""
+def spp_conv(trunk, image_hwc: np.ndarray, scales, device: str) -> tuple[float, FeatureItem]:
+    """(seconds, features item): resize the whole image to every scale and run the trunk once per scale.
+
+    The seconds cover the resizing, the forward passes and the copy of the maps to the host (the
+    pool stage pools stored maps on the CPU).
+    """
     started = time.perf_counter()
     resized, factors = scale_image(image_hwc, scales, max_side=2000)
-    resize_seconds = time.perf_counter() - started
-    conv = 0.0
-    maps = []
-    for image in resized:
-        fmap, seconds = conv5_map(trunk, image, device, "none")
-        conv += seconds
-        maps.append(fmap)
-    started = time.perf_counter()
-    # The pool stage pools on the CPU from stored maps; include the device -> host copy.
+    maps = [conv5_map(trunk, image, device, "none")[0].float().cpu().numpy() for image in resized]
+    seconds = time.perf_counter() - started
     item = FeatureItem(width=image_hwc.shape[1], height=image_hwc.shape[0], scales=tuple(scales),
                        scale_factors=tuple(factors), scaled_sizes=np.zeros((len(scales), 2), np.int64),
-                       maps=tuple(m.float().cpu().numpy() for m in maps))
-    pool_windows(boxes, item, geometry, LEVELS)
-    return resize_seconds, conv, time.perf_counter() - started
+                       maps=tuple(maps))
+    return seconds, item
 
 
 def main() -> None:
@@ -128,7 +125,7 @@ def main() -> None:
 
     # warm-up: first calls allocate and pick kernels
     rcnn_seconds(trunk, image_chw, all_boxes[:2], warp, args.batch, args.device)
-    spp_seconds(trunk, image_hwc, all_boxes[:10], ONE_SCALE, geometry, args.device)
+    spp_conv(trunk, image_hwc, ONE_SCALE, args.device)
 
     sample = all_boxes[:args.rcnn_sample]
     _, (warp_s, conv_s) = best_of(args.repeats, lambda: rcnn_seconds(trunk, image_chw, sample, warp, args.batch,
@@ -138,9 +135,13 @@ def main() -> None:
     variants = [("1-scale", ONE_SCALE)] + ([] if args.no_five_scale else [("5-scale", FIVE_SCALES)])
     spp = {}
     for name, scales in variants:
+        # The conv work does not depend on K: measured once per variant, pooling per K.
+        conv, item = best_of(args.repeats, lambda: spp_conv(trunk, image_hwc, scales, args.device)[1])
         for k in args.windows:
-            spp[name, k] = best_of(args.repeats, lambda: spp_seconds(trunk, image_hwc, all_boxes[:k], scales, geometry,
-                                                                     args.device))[1]
+            with single_torch_thread():  # as the pool stage runs it
+                pool_s, _ = best_of(args.repeats, lambda: pool_windows(all_boxes[:k], item, geometry, LEVELS,
+                                                                       np.float16))
+            spp[name, k] = (conv, pool_s)
 
     print(f"image {args.image.name} ({width} x {height}), {args.trunk} full width (random weights), "
           f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, best of "
@@ -149,17 +150,17 @@ def main() -> None:
           f"{warp} x {warp}) = {per_window * 1e3:.1f} ms/window, EXTRAPOLATED linearly to K windows")
     header = ["K", "R-CNN s (extrap.)"]
     for name, scales in variants:
-        header += [f"SPP {name} conv s", f"SPP {name} pool s", f"SPP {name} total s", f"speed-up {name}"]
+        header += [f"SPP {name} resize+conv s", f"SPP {name} pool s", f"SPP {name} total s", f"speed-up {name}"]
     print(" | ".join(header))
     for k in args.windows:
         rcnn = per_window * k
         cells = [str(k), f"{rcnn:.2f}"]
         for name, _ in variants:
-            resize_s, conv, pool_s = spp[name, k]
-            total = resize_s + conv + pool_s
+            conv, pool_s = spp[name, k]
+            total = conv + pool_s
             cells += [f"{conv:.3f}", f"{pool_s:.3f}", f"{total:.3f}", f"{rcnn / total:.0f}x"]
         print(" | ".join(cells))
-    conv_only = {name: spp[name, max(args.windows)][1] for name, _ in variants}
+    conv_only = {name: spp[name, max(args.windows)][0] for name, _ in variants}
     k = max(args.windows)
     print("conv only at K = %d (the paper's Table 6 'conv time' row): R-CNN %.2f s; %s" % (
         k, conv_s / len(sample) * k,

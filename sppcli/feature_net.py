@@ -8,7 +8,7 @@ net of this features artifact" has one meaning:
   checkpoint or a torchvision-format AlexNet / VGG-16 state dict), else the ``model.pt`` that
   the upstream pretrain artifact names in ``metrics["checkpoint"]``.
 * :func:`load_net` loads it. For a torchvision file the arch comes from ``[net]`` (trunk,
-  pyramid levels, dropout); fc layers that the file cannot fill (fc6 of an SPP pyramid) start
+  pyramid levels, dropout; fc width too if the file has no classifier); fc layers that the file cannot fill (fc6 of an SPP pyramid) start
   from a *seeded* initialisation, so loading the same file twice gives the same net.
 * :func:`load_net_for_features` rebuilds exactly that net from a features manifest's
   ``metrics["net"]`` record.
@@ -86,10 +86,17 @@ def resolve_net_source(weights: str, pretrain: Any | None) -> NetSource:
     return NetSource("pretrain", path)
 
 
-def arch_override_for(net_params: Any) -> dict[str, Any]:
-    """Arch entries ``[net]`` imposes on a torchvision file (the file fixes channel counts)."""
-    return {"trunk": net_params.trunk, "levels": [int(n) for n in net_params.levels],
-            "dropout": float(net_params.dropout)}
+def arch_override_for(net_params: Any, file_has_fc: bool = True) -> dict[str, Any]:
+    """Arch entries ``[net]`` imposes on a torchvision file.
+
+    The file fixes the channel counts, and fc7's width when it holds a classifier; ``[net]``
+    gives the trunk, the pyramid, dropout, and ``hidden`` for a features-only file.
+    """
+    override = {"trunk": net_params.trunk, "levels": [int(n) for n in net_params.levels],
+                "dropout": float(net_params.dropout)}
+    if not file_has_fc:
+        override["hidden"] = int(net_params.hidden)
+    return override
 
 
 def load_net(path: Path | str, arch_override: Mapping[str, Any] | None = None,
@@ -116,18 +123,21 @@ def load_source(source: NetSource, net_params: Any,
                 map_location: str | torch.device = "cpu") -> tuple[SppNet, dict[str, Any]]:
     """:func:`load_net` for a features run: sppcli checkpoints keep their arch, torchvision
     files get :func:`arch_override_for` ``net_params``."""
-    payload_is_checkpoint = _is_sppcli_file(source.path)
-    override = None if payload_is_checkpoint else arch_override_for(net_params)
+    keys = _top_level_keys(source.path)
+    if "arch" in keys and "state_dict" in keys:
+        override = None
+    else:
+        override = arch_override_for(net_params, any(k.startswith("classifier.") for k in keys))
     return load_net(source.path, override, map_location)
 
 
-def _is_sppcli_file(path: Path) -> bool:
+def _top_level_keys(path: Path) -> list[str]:
     # mmap keeps a look at the keys cheap for a 500 MB torchvision file.
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    return isinstance(payload, Mapping) and "arch" in payload and "state_dict" in payload
+    return [str(k) for k in payload] if isinstance(payload, Mapping) else []
 
 
 def net_record(source: NetSource, net: SppNet, arch: Mapping[str, Any]) -> dict[str, Any]:

@@ -111,6 +111,9 @@ class Planner:
         return self._digests[split]
 
     def weights_digest(self, path: str) -> str:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"features.weights: no such file {path!r} (give a checkpoint from "
+                                    "`sppcli pretrain` or a torchvision .pth file)")
         return self.store.digests.file(Path(path))
 
     def split_of(self, role: str) -> str:

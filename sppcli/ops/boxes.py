@@ -32,9 +32,9 @@ __all__ = [
 #: times per axis, which keeps ``exp`` finite for any regressor output (Detectron's bound).
 DELTA_SIZE_CLAMP = math.log(1000.0 / 16)
 
-# Bytes of boolean suppression matrix computed per block in NMS: bounds the float IoU
-# temporaries (8 bytes per pair at most) to ~8x this.
-_NMS_BLOCK_BYTES = 8 * 1024 * 1024
+# Boxes (in score order) decided together by the blocked greedy NMS pass; each block costs
+# one small IoU matrix plus one (kept x later alive boxes) IoU matrix.
+_NMS_BLOCK = 256
 
 
 def _as_float(boxes: Tensor) -> Tensor:
@@ -82,30 +82,25 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     # Clamped sides make malformed boxes empty instead of giving negative areas.
     area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
     area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
-    left_top = torch.maximum(a[:, None, :2], b[None, :, :2])
-    right_bottom = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    sides = (right_bottom - left_top).clamp(min=0)
-    inter = sides[..., 0] * sides[..., 1]
-    union = area_a[:, None] + area_b[None, :] - inter
+    # In-place arithmetic on the [N, M] temporaries: NMS calls this on thousands of boxes.
+    inter = torch.minimum(a[:, None, 2], b[None, :, 2])
+    inter.sub_(torch.maximum(a[:, None, 0], b[None, :, 0])).clamp_(min=0)
+    height = torch.minimum(a[:, None, 3], b[None, :, 3])
+    height.sub_(torch.maximum(a[:, None, 1], b[None, :, 1])).clamp_(min=0)
+    inter.mul_(height)
+    union = height.copy_(area_a[:, None]).add_(area_b[None, :]).sub_(inter)
     # An empty union implies an empty intersection; dividing by 1 there yields 0, not NaN.
-    positive = union > 0
-    return inter / torch.where(positive, union, torch.ones_like(union))
+    union.masked_fill_(union == 0, 1)
+    return inter.div_(union)
 
 
-def _suppression_matrix(boxes: Tensor, labels: Tensor | None, iou_threshold: float) -> np.ndarray:
-    """bool ``[N, N]`` numpy array: ``True`` where the pair overlaps by IoU > threshold
-    (and, with ``labels``, shares a label). Computed on the boxes' device in row blocks."""
-    n = boxes.shape[0]
-    block = max(1, _NMS_BLOCK_BYTES // max(n, 1))
-    matrix = np.zeros((n, n), dtype=bool)
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        # The greedy pass only reads pairs (i, j > i): columns left of the block are skipped.
-        over = box_iou(boxes[start:stop], boxes[start:]) > iou_threshold
-        if labels is not None:
-            over &= labels[start:stop, None] == labels[None, start:]
-        matrix[start:stop, start:] = over.cpu().numpy()
-    return matrix
+def _overlaps(boxes_a: Tensor, boxes_b: Tensor, labels_a: Tensor | None, labels_b: Tensor | None,
+              iou_threshold: float) -> np.ndarray:
+    """bool numpy ``[A, B]``: IoU > threshold (and, with labels, the same label)."""
+    over = box_iou(boxes_a, boxes_b) > iou_threshold
+    if labels_a is not None:
+        over &= labels_a[:, None] == labels_b[None, :]
+    return over.cpu().numpy()
 
 
 def _greedy_nms(boxes: Tensor, scores: Tensor, labels: Tensor | None, iou_threshold: float) -> Tensor:
@@ -116,18 +111,42 @@ def _greedy_nms(boxes: Tensor, scores: Tensor, labels: Tensor | None, iou_thresh
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     # Stable sort: among equal scores the box with the smaller index comes first and wins.
     order = torch.sort(scores, descending=True, stable=True).indices
-    sorted_labels = None if labels is None else labels[order]
-    over = _suppression_matrix(boxes[order], sorted_labels, iou_threshold)
-    # The greedy pass is inherently sequential; it only reads the precomputed matrix, so each
-    # kept box costs one vectorised OR over the boxes after it.
+    boxes = boxes[order]
+    labels = None if labels is None else labels[order]
+    # Blocked greedy pass over the score order. Within a block the greedy choice is made on the
+    # block's own small IoU matrix; the block's kept boxes then suppress every later box still
+    # alive in one vectorised IoU computation. Total work is about (kept x alive) pairs instead
+    # of N^2, and every decision is the one the plain sequential greedy loop makes.
     removed = np.zeros(n, dtype=bool)
-    kept = []
-    for i in range(n):
-        if removed[i]:
+    kept: list[np.ndarray] = []
+    for start in range(0, n, _NMS_BLOCK):
+        stop = min(start + _NMS_BLOCK, n)
+        alive = np.flatnonzero(~removed[start:stop]) + start
+        if alive.size == 0:
             continue
-        kept.append(i)
-        removed[i + 1:] |= over[i, i + 1:]
-    kept_positions = torch.as_tensor(kept, dtype=torch.long, device=boxes.device)
+        alive_t = torch.from_numpy(alive).to(boxes.device)
+        block_labels = None if labels is None else labels[alive_t]
+        within = _overlaps(boxes[alive_t], boxes[alive_t], block_labels, block_labels, iou_threshold)
+        suppressed = np.zeros(alive.size, dtype=bool)
+        block_kept = []
+        for i in range(alive.size):
+            if suppressed[i]:
+                continue
+            block_kept.append(i)
+            suppressed[i + 1:] |= within[i, i + 1:]
+        winners = alive[block_kept]
+        kept.append(winners)
+        later = np.flatnonzero(~removed[stop:]) + stop
+        if later.size == 0:
+            continue
+        winners_t, later_t = torch.from_numpy(winners).to(boxes.device), torch.from_numpy(later).to(boxes.device)
+        over = _overlaps(
+            boxes[winners_t], boxes[later_t],
+            None if labels is None else labels[winners_t], None if labels is None else labels[later_t],
+            iou_threshold,
+        )
+        removed[later[over.any(axis=0)]] = True
+    kept_positions = torch.from_numpy(np.concatenate(kept)).to(boxes.device)
     return order[kept_positions]
 
 
@@ -147,8 +166,10 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         LongTensor[K]: indices into ``boxes`` of the kept boxes, by decreasing score
         (ties by increasing index), on the boxes' device.
 
-    The IoU matrix is computed vectorised (in row blocks, on the boxes' device); only the
-    sequential greedy pass runs on the CPU over a boolean matrix (N^2 bytes; 25 MB for 5,000).
+    IoUs are computed vectorised on the boxes' device, block by block in score order: only the
+    kept boxes of a block are compared with the boxes after it that are still alive, so the
+    work scales with (kept x N) rather than N^2; the sequential part runs on small boolean
+    arrays on the CPU.
     """
     _check_boxes(boxes, "boxes")
     return _greedy_nms(boxes, scores, None, iou_threshold)

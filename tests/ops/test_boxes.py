@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import sppcli.ops.boxes as boxes_module
 from sppcli.ops.boxes import (
     DELTA_SIZE_CLAMP,
     apply_deltas,
@@ -76,8 +77,11 @@ def test_box_iou_keeps_float32():
     assert box_iou(boxes, boxes).item() == 1.0
 
 
+@pytest.mark.parametrize("block", [1, 7, 256])
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7])
-def test_nms_matches_greedy_loop_on_random_boxes(threshold):
+def test_nms_matches_greedy_loop_on_random_boxes(monkeypatch, threshold, block):
+    # Blocks of 1 and 7 boxes exercise the cross-block suppression of the blocked greedy pass.
+    monkeypatch.setattr(boxes_module, "_NMS_BLOCK", block)
     for seed in range(25):
         generator = torch.Generator().manual_seed(seed)
         boxes = random_boxes(60, generator)
@@ -110,7 +114,9 @@ def test_nms_never_suppresses_zero_area_boxes_and_handles_empty_input():
     assert kept.dtype == torch.long and kept.shape == (0,)
 
 
-def test_batched_nms_matches_per_label_loop():
+@pytest.mark.parametrize("block", [5, 256])
+def test_batched_nms_matches_per_label_loop(monkeypatch, block):
+    monkeypatch.setattr(boxes_module, "_NMS_BLOCK", block)
     for seed in range(15):
         generator = torch.Generator().manual_seed(100 + seed)
         boxes = random_boxes(80, generator)

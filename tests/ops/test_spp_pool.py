@@ -105,9 +105,15 @@ def test_chunking_and_both_correction_strategies(monkeypatch, chunk_bytes, spars
     monkeypatch.setattr(spp_module, "_SPARSE_LIMIT", sparse_limit)
     generator = torch.Generator().manual_seed(3)
     fmap = torch.randn(2, 13, 11, generator=generator)
-    cells = every_window(13, 11)[::7]
+    distinct = every_window(13, 11)[::7]
+    # A run of repeats between two runs of new windows: with dedup, the chunks of distinct
+    # windows write a contiguous run of output rows, except those that straddle the repeats.
+    repeats = distinct[torch.randint(0, 295, (97,), generator=generator)]
+    cells = torch.cat([distinct[:295], repeats, distinct[295:]])
     for levels in [(1, 2, 3, 6), (3,)]:
-        assert torch.equal(spp_pool(fmap, cells, levels), spp_pool_reference(fmap, cells, levels))
+        expected = spp_pool_reference(fmap, cells, levels)
+        assert torch.equal(spp_pool(fmap, cells, levels), expected)
+        assert torch.equal(spp_pool(fmap, cells, levels, _dedup=False), expected)
 
 
 def test_reference_is_the_documented_loop():

@@ -23,6 +23,16 @@ from tests.conftest import TINY_ARCH, tiny_config
 CPU = RunOptions(device="cpu", workers=0)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These tiny nets gain nothing from intra-op threads, and on a busy machine (the suite runs
+    beside other jobs) OpenMP threads waiting for each other made these tests 5x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def run_features(cache: Path, config, split="trainval", options=CPU, force=False):
     planner = Planner(ArtifactStore(cache), config)
     return run_stage(planner, features, planner.plan("features", split), options, force=force)
@@ -198,6 +208,7 @@ def test_torchvision_alexnet_file_loads_and_extracts(elephants_devkit, tmp_path)
     manifest, _ = run_features(tmp_path / "c", config)
     record = manifest.metrics["net"]
     assert record["arch"]["trunk"] == "alexnet" and record["arch"]["levels"] == [6, 3, 2, 1]
+    assert record["arch"]["hidden"] == 64  # a features-only file takes fc widths from [net]
     assert (record["channels"], record["stride"]) == (256, 16)
     net, _ = load_net_for_features(manifest)
     assert torch.equal(net.trunk.features[10].weight, state["features.10.weight"])

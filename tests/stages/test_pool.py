@@ -22,6 +22,16 @@ SCALES = "features.scales=[128, 360]"
 SERIAL = RunOptions(device="cpu", workers=0)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These tiny nets gain nothing from intra-op threads, and on a busy machine (the suite runs
+    beside other jobs) OpenMP threads waiting for each other made these tests 5x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def random_proposals(rng: np.random.Generator, width: int, height: int, count: int) -> np.ndarray:
     """Pixel-aligned windows of every size, plus the whole image, a 1 x 1 window and border hugs."""
     x1 = rng.integers(0, width - 1, count)
