@@ -30,7 +30,7 @@ import numpy as np
 from sppcli.artifacts import Manifest, StageRun
 from sppcli.bbox_regression import BBoxRegressor, fit_ridge_regressors, paired_iou, save_regressor
 from sppcli.config import BBoxRegParams, Config
-from sppcli.parallel import map_images, progress
+from sppcli.parallel import map_images, progress, single_torch_thread
 from sppcli.pipeline import VERSIONS
 from sppcli.svm import feature_scale
 from sppcli.window_sampling import mean_feature_norm, read_pool_windows, regression_selection
@@ -131,6 +131,12 @@ def training_fit(regressor: BBoxRegressor, data: RegressionWindows, classes: Seq
 
 
 def run(params: BBoxRegParams, inputs: Inputs, out: StageRun) -> Manifest:
+    # Small matrix work: a second OpenMP thread only waits on a busy core (see single_torch_thread).
+    with single_torch_thread():
+        return _run(params, inputs, out)
+
+
+def _run(params: BBoxRegParams, inputs: Inputs, out: StageRun) -> Manifest:
     check_params(params)
     started = time.perf_counter()
     classes = list(inputs.classes)

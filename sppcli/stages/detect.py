@@ -28,7 +28,7 @@ import torch
 
 from sppcli.artifacts import Manifest, StageRun, atomic_path, atomic_write_json
 from sppcli.config import DetectParams
-from sppcli.parallel import map_images, progress
+from sppcli.parallel import map_images, progress, single_torch_thread
 from sppcli.pipeline import VERSIONS, resolve_device
 
 VERSION = VERSIONS["detect"]
@@ -196,6 +196,12 @@ def _combine(own: tuple[np.ndarray, np.ndarray, np.ndarray], others: list[tuple[
 
 
 def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
+    # Small matrix work: a second OpenMP thread only waits on a busy core (see single_torch_thread).
+    with single_torch_thread():
+        return _run(params, inputs, out)
+
+
+def _run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     from sppcli.data.voc import internal_box_to_voc
 
     ds = inputs.dataset

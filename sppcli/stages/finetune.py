@@ -49,7 +49,7 @@ from sppcli.config import Config, FinetuneParams
 from sppcli.feature_net import detection_head, load_net_for_features, pooled_permutation
 from sppcli.nets.checkpoint import arch_of, save_checkpoint
 from sppcli.nets.heads import FcHead
-from sppcli.parallel import map_images, progress
+from sppcli.parallel import map_images, progress, single_torch_thread
 from sppcli.pipeline import VERSIONS, resolve_device
 from sppcli.window_sampling import (
     FinetuneSampler,
@@ -359,6 +359,12 @@ def finetuned_net(net, head: FcHead, pool_levels: Sequence[int]):
 
 
 def run(params: FinetuneParams, inputs: Inputs, out: StageRun) -> Manifest:
+    # Small matrix work: a second OpenMP thread only waits on a busy core (see single_torch_thread).
+    with single_torch_thread():
+        return _run(params, inputs, out)
+
+
+def _run(params: FinetuneParams, inputs: Inputs, out: StageRun) -> Manifest:
     check_params(params)
     started = time.perf_counter()
     device = torch.device(inputs.device)

@@ -30,7 +30,6 @@ N = 0 is a valid item (no ground truth and no proposals).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -47,7 +46,7 @@ from sppcli.config import Config, PoolParams
 from sppcli.ops.boxes import box_iou
 from sppcli.ops.geometry import FieldGeometry, best_scale_index, window_to_cells
 from sppcli.ops.spp_pool import pooled_dim, spp_pool
-from sppcli.parallel import map_images
+from sppcli.parallel import map_images, single_torch_thread
 from sppcli.pipeline import VERSIONS
 from sppcli.stages.features import FeatureItem, read_feature_item
 
@@ -175,24 +174,6 @@ def read_proposals(path: Path) -> tuple[np.ndarray, int, int]:
     with h5py.File(path, "r") as f:
         return (np.asarray(f["boxes"][()], dtype=np.float32).reshape(-1, 4), int(f.attrs["width"]),
                 int(f.attrs["height"]))
-
-
-@contextlib.contextmanager
-def single_torch_thread():
-    """Run torch single-threaded inside the block (restoring the count after).
-
-    Pooling is thousands of small gathers and maxima; splitting each across OpenMP threads gains
-    little, and when the cores are busy (``--workers`` processes, or other jobs) every one of those
-    small parallel regions waits for a descheduled thread: on a loaded 2-core machine one image's
-    2,000 windows took a median 8.5 s with 2 threads against 0.44 s with 1. Parallelism comes from
-    ``--workers`` processes instead.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def pool_image(job: PoolJob, *, levels: Sequence[int], dtype: str, geometry: FieldGeometry, num_classes: int) -> dict:

@@ -46,7 +46,7 @@ import numpy as np
 from sppcli.artifacts import Manifest, StageRun
 from sppcli.config import Config, SvmParams as StageSvmParams
 from sppcli.feature_net import FC_LAYERS, detection_head, fc_features, load_net
-from sppcli.parallel import progress
+from sppcli.parallel import progress, single_torch_thread
 from sppcli.pipeline import VERSIONS, resolve_device
 from sppcli.svm import (
     NoNegativesError,
@@ -353,6 +353,12 @@ def mining_batches(paths: Sequence[Path], num_classes: int, features: LayerFeatu
 
 
 def run(params: StageSvmParams, inputs: Inputs, out: StageRun) -> Manifest:
+    # Small matrix work: a second OpenMP thread only waits on a busy core (see single_torch_thread).
+    with single_torch_thread():
+        return _run(params, inputs, out)
+
+
+def _run(params: StageSvmParams, inputs: Inputs, out: StageRun) -> Manifest:
     check_params(params)
     started = time.perf_counter()
     classes = list(inputs.classes)
