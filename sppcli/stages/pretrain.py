@@ -229,8 +229,9 @@ def evaluate_views(net: SppNet, samples: Sequence[crops.Sample], size: int, devi
     """The evaluation table: held-out top-1 error of each of :data:`EVAL_VIEWS` at ``size``."""
     labels = [s.label for s in samples]
     modes = {"1 centre crop": "crop", "1 full image": "full", "10 views": "ten"}
+    # JSON has no NaN: without held-out samples every entry is null.
     errors = {view: top1_error(predict(net, samples, size, modes[view], device, workers, batch_size), labels)
-              for view in EVAL_VIEWS}
+              if samples else None for view in EVAL_VIEWS}
     return {"size": int(size), "n_images": len(samples), "top1_error": errors}
 
 
