@@ -46,7 +46,7 @@ demo: install
 	$(SPP) make-dataset $(DEMO)
 	$(SPP) proposals $(DEMO) --split trainval --workers $(WORKERS)
 	$(SPP) proposals $(DEMO) --split test --workers $(WORKERS)
-	$(SPP) pretrain $(DEMO) --workers 0 --device $(DEVICE)
+	$(SPP) pretrain $(DEMO) --workers 1 --device $(DEVICE)
 	$(SPP) extract-features $(DEMO) --split trainval --device $(DEVICE)
 	$(SPP) extract-features $(DEMO) --split test --device $(DEVICE)
 	$(SPP) pool-windows $(DEMO) --split trainval --workers $(WORKERS)

@@ -135,7 +135,7 @@ def proposals_cmd(mode, max_boxes, min_size, max_side, **kw):
     extra = (_set("proposals.mode", mode) + _set("proposals.max_boxes", max_boxes) + _set("proposals.min_size", min_size)
              + _set("proposals.max_side", max_side))
     planner, m = _run_stage("proposals", "proposals", kw, extra, split_role="train")
-    click.echo(format_recall_table(m.metrics, f"selective search ({m.params['mode']}) on {m.dataset}"), err=True)
+    click.echo(format_recall_table(m.metrics, m.dataset), err=True)
     emit(m, kw["as_json"], f"proposals: {m.dir}")
 
 
@@ -160,7 +160,7 @@ def import_proposals_cmd(source, convention, **kw):
 
     extra = _set("proposals.imported", str(source.resolve())) + _set("proposals.imported_convention", convention)
     planner, m = _run_stage("proposals", "proposals", kw, extra, split_role="train")
-    click.echo(format_recall_table(m.metrics, f"imported proposals on {m.dataset}"), err=True)
+    click.echo(format_recall_table(m.metrics, m.dataset), err=True)
     emit(m, kw["as_json"], f"proposals (imported): {m.dir}")
 
 
@@ -255,7 +255,8 @@ def classify_cmd(size, layer, **kw):
     """
     extra = _set("classify.size", size) + _set("classify.layer", layer)
     planner, m = _run_stage("classify", "classify", kw, extra)
-    emit(m, kw["as_json"], f"classify: mAP {100 * m.metrics.get('mAP', float('nan')):.1f} -> {m.dir}")
+    mAP = m.metrics.get("mAP")
+    emit(m, kw["as_json"], f"classify: mAP {'n/a' if mAP is None else f'{100 * mAP:.1f}'} -> {m.dir}")
 
 
 # --------------------------------------------------------------------------------------------- detector

@@ -28,7 +28,7 @@ import math
 import sys
 import time
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sppcli import crops
 from sppcli.artifacts import Manifest, StageRun, atomic_path, atomic_write_json
-from sppcli.config import Config, NetParams, PretrainParams, as_dict
+from sppcli.config import Config, NetParams, PretrainParams
 from sppcli.nets import build_net, normalize, save_checkpoint
 from sppcli.nets.sppnet import SppNet
 from sppcli.parallel import progress
