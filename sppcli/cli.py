@@ -5,7 +5,6 @@ whether it must run, print one summary line. The work lives in ``sppcli.stages.*
 """
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -34,8 +33,7 @@ def _run_stage(stage: str, module: str, kw: dict, extra: list[str] = (), split_r
     plan = planner.plan(stage, split)
     options = RunOptions(device=kw.get("device", "auto"), workers=kw.get("workers", 1),
                          scheduler=kw.get("scheduler"))
-    manifest, _ran = run_stage(planner, importlib.import_module(f"sppcli.stages.{module}"), plan, options,
-                               force=kw["force"])
+    manifest, _ran = run_stage(planner, f"sppcli.stages.{module}", plan, options, force=kw["force"])
     return planner, manifest
 
 
@@ -130,7 +128,7 @@ def proposals_cmd(mode, max_boxes, min_size, max_side, **kw):
     Example:
       sppcli proposals --config pipelines/demo.toml --split test --workers 2
     """
-    from sppcli.stages.proposals import format_recall_table
+    from sppcli.proposal_metrics import format_recall_table
 
     extra = (_set("proposals.mode", mode) + _set("proposals.max_boxes", max_boxes) + _set("proposals.min_size", min_size)
              + _set("proposals.max_side", max_side))
@@ -156,7 +154,7 @@ def import_proposals_cmd(source, convention, **kw):
       sppcli import-proposals selective_search_data/voc_2007_test.mat --split test \\
           --config pipelines/voc2007.toml --set dataset.devkit=VOCdevkit/VOC2007
     """
-    from sppcli.stages.proposals import format_recall_table
+    from sppcli.proposal_metrics import format_recall_table
 
     extra = _set("proposals.imported", str(source.resolve())) + _set("proposals.imported_convention", convention)
     planner, m = _run_stage("proposals", "proposals", kw, extra, split_role="train")

@@ -250,11 +250,18 @@ def run_stage(planner: Planner, module, plan: Plan, options: RunOptions = RunOpt
 
     A stage module exposes ``VERSION``, ``Params``, ``params_from(config)``, an ``Inputs``
     dataclass, ``inputs_for(planner, plan, upstream, options)`` and ``run(params, inputs, out)``.
+    ``module`` may be its dotted name: it is then imported only if the stage has to run, so an
+    up-to-date check never pays for importing torch.
     """
-    if module.VERSION != plan.version:  # pragma: no cover - a developer error
-        raise RuntimeError(f"{module.__name__}.VERSION {module.VERSION} != pipeline {plan.version}")
 
     def _run(upstream, out):
+        nonlocal module
+        if isinstance(module, str):
+            import importlib
+
+            module = importlib.import_module(module)
+        if module.VERSION != plan.version:  # pragma: no cover - a developer error
+            raise RuntimeError(f"{module.__name__}.VERSION {module.VERSION} != pipeline {plan.version}")
         inputs = module.inputs_for(planner, plan, upstream, options)
         return module.run(module.params_from(planner.config), inputs, out)
 

@@ -12,14 +12,11 @@ pixel edges (so IoUs equal the VOC devkit's "+1" IoUs).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
-from sppcli.ops.boxes import box_iou
-
-__all__ = ["best_overlaps", "recall_at", "mabo", "mean_best_overlap", "per_class_recall"]
+__all__ = ["best_overlaps", "recall_at", "mabo", "mean_best_overlap", "per_class_recall", "format_recall_table"]
 
 
 def best_overlaps(gt_boxes: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -31,6 +28,10 @@ def best_overlaps(gt_boxes: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     Returns:
         float64 ``[G]``; all zeros when ``N == 0``.
     """
+    import torch  # here, not at the top: the CLI imports this module for its table alone
+
+    from sppcli.ops.boxes import box_iou
+
     gt = torch.as_tensor(np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4))
     props = torch.as_tensor(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
     if gt.shape[0] == 0 or props.shape[0] == 0:
@@ -89,3 +90,30 @@ def per_class_recall(best: np.ndarray, labels: np.ndarray, classes: Sequence[str
         out[name] = {"n_gt": int(mine.size), "recall": recall_at(mine, threshold),
                      "abo": mean_best_overlap(mine)}
     return out
+
+
+def format_recall_table(metrics: Mapping[str, Any], title: str) -> str:
+    """A small text table of a proposals manifest's metrics (overall, then recall per class)."""
+    source = metrics.get("source", "selective_search")
+    how = f"selective search, {metrics['mode']} mode" if source == "selective_search" else "imported boxes"
+    seconds = metrics.get("seconds_per_image")
+    lines = [
+        f"{title} ({how})",
+        f"  images                {metrics['n_images']}"
+        + (f"  ({metrics['empty_images']} without windows)" if metrics.get("empty_images") else ""),
+        f"  windows per image     {_fixed(metrics['mean_boxes'], 1)}  (min {metrics['min_boxes']}, max {metrics['max_boxes']})",
+        f"  ground truth          {metrics['n_gt']} boxes ({metrics.get('ground_truth', 'non-difficult')})",
+    ]
+    for threshold in RECALL_THRESHOLDS:
+        lines.append(f"  recall @ IoU {threshold:<8} {_percent(metrics.get(f'recall@{threshold}'))}")
+    lines += [
+        f"  MABO                  {_fixed(metrics['mabo'])}  (mean best overlap over all boxes {_fixed(metrics['mean_best_overlap'])})",
+        f"  seconds per image     {_fixed(seconds, 3) if seconds is not None else '-'}",
+    ]
+    per_class = metrics.get("per_class") or {}
+    if per_class:
+        width = max(8, max(len(name) for name in per_class))
+        lines.append(f"  {'class':<{width}}  {'n_gt':>6}  {'recall@0.5':>10}  {'ABO':>6}")
+        for name, row in per_class.items():
+            lines.append(f"  {name:<{width}}  {row['n_gt']:>6}  {_percent(row['recall']):>10}  {_fixed(row['abo']):>6}")
+    return "\n".join(lines)

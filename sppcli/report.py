@@ -56,6 +56,6 @@ def table6(planner: Planner) -> tuple[str, dict]:
         lines.append(f"{'total time':<22}{sum(known):.3f}s")
     text = "\n".join(lines)
     if per_class:
-        classes = list(next(iter(per_class.values())).keys())
+        classes = list(planner.dataset(test).classes)
         text += "\n\nTable 7 analog: per-class AP (%)\n" + format_ap_table(per_class, classes)
     return text, {"mAP": rows, "ap": per_class, "timing": timing, "missing": missing}

@@ -10,6 +10,7 @@ from sppcli.config import load_config
 from sppcli.data.voc import VocAnnotation, VocDataset, VocObject, write_annotation, write_image_set
 from sppcli.pipeline import Planner, RunOptions, run_stage
 from sppcli.proposal_import import ProposalImportError, import_proposals, parse_convention
+from sppcli.proposal_metrics import format_recall_table
 from sppcli.stages import proposals
 from sppcli.stages.proposals import read_proposal_item
 
@@ -172,7 +173,7 @@ def test_stage_imports_and_reports_hand_worked_metrics(hand_devkit, tmp_path):
     assert m["per_class"]["cat"] == {"n_gt": 2, "recall": 1.0, "abo": pytest.approx(0.8)}
     assert m["per_class"]["dog"] == {"n_gt": 1, "recall": 1.0, "abo": pytest.approx(0.5)}
     assert m["seconds_per_image"] is None and m["empty_images"] == 0
-    assert "imported boxes" in proposals.format_recall_table(m, plan.dataset)
+    assert "imported boxes" in format_recall_table(m, plan.dataset)
 
 
 def test_stage_counts_images_left_without_boxes(hand_devkit, tmp_path):

@@ -41,9 +41,6 @@ log = logging.getLogger(__name__)
 
 OUTPUT = "bbox_reg.npz"
 TARGET_NORM = 20.0
-NORM_SEED = 3  # R-CNN's seed_rand() seed for its feature statistics
-NORM_IMAGES = 200
-NORM_WINDOWS_PER_IMAGE = 200
 
 
 def params_from(config: Config) -> BBoxRegParams:
@@ -142,9 +139,8 @@ def _run(params: BBoxRegParams, inputs: Inputs, out: StageRun) -> Manifest:
     classes = list(inputs.classes)
     paths = [str(inputs.pool.item_path(i)) for i in inputs.image_ids]
 
-    mean_norm, n_norm = mean_feature_norm(
-        [Path(p) for p in paths], lambda pooled: pooled.astype(np.float32), NORM_SEED, NORM_IMAGES,
-        NORM_WINDOWS_PER_IMAGE, progress=lambda it, total: progress(it, total=total, desc="bbox_reg: norms"))
+    mean_norm, n_norm = mean_feature_norm([Path(p) for p in paths], lambda pooled: pooled.astype(np.float32),
+                                          progress=lambda it, total: progress(it, total=total, desc="bbox_reg: norms"))
     scale = feature_scale(mean_norm, TARGET_NORM)
     data = collect_windows(paths, params.min_iou, inputs.workers, inputs.scheduler)
     log.info("bbox_reg: %d windows with IoU >= %.2f; mean pooled-feature norm %.3f over %d windows, scale %.5g",

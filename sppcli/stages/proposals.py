@@ -303,30 +303,3 @@ def _percent(value: float | None) -> str:
 
 def _fixed(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
-
-
-def format_recall_table(metrics: Mapping[str, Any], title: str) -> str:
-    """A small text table of a proposals manifest's metrics (overall, then recall per class)."""
-    source = metrics.get("source", "selective_search")
-    how = f"selective search, {metrics['mode']} mode" if source == "selective_search" else "imported boxes"
-    seconds = metrics.get("seconds_per_image")
-    lines = [
-        f"{title} ({how})",
-        f"  images                {metrics['n_images']}"
-        + (f"  ({metrics['empty_images']} without windows)" if metrics.get("empty_images") else ""),
-        f"  windows per image     {_fixed(metrics['mean_boxes'], 1)}  (min {metrics['min_boxes']}, max {metrics['max_boxes']})",
-        f"  ground truth          {metrics['n_gt']} boxes ({metrics.get('ground_truth', 'non-difficult')})",
-    ]
-    for threshold in RECALL_THRESHOLDS:
-        lines.append(f"  recall @ IoU {threshold:<8} {_percent(metrics.get(f'recall@{threshold}'))}")
-    lines += [
-        f"  MABO                  {_fixed(metrics['mabo'])}  (mean best overlap over all boxes {_fixed(metrics['mean_best_overlap'])})",
-        f"  seconds per image     {_fixed(seconds, 3) if seconds is not None else '-'}",
-    ]
-    per_class = metrics.get("per_class") or {}
-    if per_class:
-        width = max(8, max(len(name) for name in per_class))
-        lines.append(f"  {'class':<{width}}  {'n_gt':>6}  {'recall@0.5':>10}  {'ABO':>6}")
-        for name, row in per_class.items():
-            lines.append(f"  {name:<{width}}  {row['n_gt']:>6}  {_percent(row['recall']):>10}  {_fixed(row['abo']):>6}")
-    return "\n".join(lines)

@@ -7,7 +7,7 @@ Following the authors' release (itself R-CNN's ``rcnn_train.m``):
   artifact's net, or of the fine-tuned net when ``finetuned`` (:mod:`sppcli.stages.finetune`);
 * features are multiplied by ``target_norm / mean_norm`` with the mean L2 norm estimated on a
   fixed random sample of training windows (200 images x 200 windows, R-CNN's
-  ``rcnn_feature_stats``; seed :data:`NORM_SEED`);
+  ``rcnn_feature_stats``; seed :data:`sppcli.window_sampling.NORM_SEED`);
 * positives of class c: its ground-truth windows, difficult ones included (both releases keep
   difficult objects in training: R-CNN's ``roidb_from_voc`` reads every object, and the SPP
   release's experiment scripts call theirs with ``with_hard_samples = false``, which keeps them);
@@ -64,9 +64,6 @@ Params = StageSvmParams
 log = logging.getLogger(__name__)
 
 OUTPUT = "svms.npz"
-NORM_SEED = 3  # R-CNN's seed_rand() seed for its feature statistics
-NORM_IMAGES = 200
-NORM_WINDOWS_PER_IMAGE = 200
 
 
 def params_from(config: Config) -> StageSvmParams:
@@ -367,7 +364,7 @@ def _run(params: StageSvmParams, inputs: Inputs, out: StageRun) -> Manifest:
 
     head = head_record(params, inputs)
     layer_features = LayerFeatures.from_record(head, inputs.device)
-    mean_norm, n_norm = mean_feature_norm(paths, layer_features, NORM_SEED, NORM_IMAGES, NORM_WINDOWS_PER_IMAGE,
+    mean_norm, n_norm = mean_feature_norm(paths, layer_features,
                                           progress=lambda it, total: progress(it, total=total, desc="svm: norms"))
     scale = feature_scale(mean_norm, params.target_norm)
     log.info("svm: layer %s, mean feature norm %.3f over %d windows, scale %.5g", params.layer, mean_norm,

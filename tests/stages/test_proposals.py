@@ -7,7 +7,7 @@ import pytest
 from sppcli.artifacts import ArtifactStore
 from sppcli.data.voc import VocError
 from sppcli.pipeline import Planner, RunOptions, run_stage
-from sppcli.proposal_metrics import best_overlaps
+from sppcli.proposal_metrics import best_overlaps, format_recall_table
 from sppcli.stages import proposals
 from sppcli.stages.proposals import read_proposal_item, selective_search
 from tests.conftest import tiny_config
@@ -78,7 +78,7 @@ def test_metrics_match_a_slow_recomputation(reference):
     abo = [best[labels == c].mean() for c in sorted(set(labels.tolist()))]
     assert m["mabo"] == pytest.approx(np.mean(abo), abs=1e-4)
     assert sum(row["n_gt"] for row in m["per_class"].values()) == len(best)
-    table = proposals.format_recall_table(m, plan.dataset)
+    table = format_recall_table(m, plan.dataset)
     assert plan.dataset in table and "recall @ IoU 0.5" in table and dataset.classes[0] in table
 
 
