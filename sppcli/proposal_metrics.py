@@ -16,6 +16,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+RECALL_THRESHOLDS = (0.5, 0.7)  # the IoUs at which recall is reported
+
 __all__ = ["best_overlaps", "recall_at", "mabo", "mean_best_overlap", "per_class_recall", "format_recall_table"]
 
 
@@ -117,3 +119,11 @@ def format_recall_table(metrics: Mapping[str, Any], title: str) -> str:
         for name, row in per_class.items():
             lines.append(f"  {name:<{width}}  {row['n_gt']:>6}  {_percent(row['recall']):>10}  {_fixed(row['abo']):>6}")
     return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100.0 * value:.1f}%"
+
+
+def _fixed(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -33,12 +33,12 @@ from sppcli.artifacts import Manifest, StageRun, atomic_path
 from sppcli.config import Config, ProposalParams
 from sppcli.parallel import map_images, progress
 from sppcli.pipeline import VERSIONS
-from sppcli.proposal_metrics import best_overlaps, mabo, mean_best_overlap, per_class_recall, recall_at
+from sppcli.proposal_metrics import (RECALL_THRESHOLDS, best_overlaps, mabo, mean_best_overlap, per_class_recall,
+                                     recall_at)
 
 VERSION = VERSIONS["proposals"]
 Params = ProposalParams
 MODES = ("fast", "quality", "single")
-RECALL_THRESHOLDS = (0.5, 0.7)
 
 log = logging.getLogger(__name__)
 
@@ -295,11 +295,3 @@ def proposal_metrics(dataset, items_dir: Path) -> dict:
     for threshold in RECALL_THRESHOLDS:
         metrics[f"recall@{threshold}"] = _json_number(recall_at(best_all, threshold))
     return metrics
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100.0 * value:.1f}%"
-
-
-def _fixed(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
