@@ -249,8 +249,9 @@ def ten_views(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def full_view(image: np.ndarray, size: int) -> np.ndarray:
-    """The whole image resized so ``min(H, W) == size`` (any aspect ratio; SPP's full view)."""
-    return resize_shorter(image, size)
+    """SPP's full view: the whole image the ``size`` crops are cut from, i.e. resized so
+    ``min(H, W) == resized_side(size)`` (256 for 224 crops, paper section 3.1.3), any aspect ratio."""
+    return resize_shorter(image, resized_side(size))
 
 
 def to_chw(image: np.ndarray) -> torch.Tensor:

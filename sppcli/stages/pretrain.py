@@ -173,7 +173,7 @@ def set_rng_state(state: dict, device: str) -> None:
 
 class EvalViews(Dataset):
     """Held-out views: ``mode`` "crop" -> uint8 [3, s, s]; "ten" -> [10, 3, s, s];
-    "full" -> [3, H, W] with min(H, W) = s (varying sizes: batch size 1)."""
+    "full" -> [3, H, W] with min(H, W) = round(s * 256 / 224) (varying sizes: batch size 1)."""
 
     def __init__(self, samples: Sequence[crops.Sample], size: int, mode: str):
         self.samples, self.size, self.mode = list(samples), int(size), mode

@@ -54,7 +54,8 @@ def test_views_shapes_and_flips():
     image = rng.integers(0, 256, (50, 80, 3), dtype=np.uint8)
     # shorter side 50 -> 64 * 256 / 224 = 73, longer 117
     assert crops.resize_shorter(image, 73).shape == (73, 117, 3)
-    assert crops.full_view(image, 64).shape == (64, 102, 3)
+    # the full view is that same 73-pixel image, uncropped (paper section 3.1.3: min side 256 for 224)
+    assert crops.full_view(image, 64).shape == (73, 117, 3)
     assert crops.centre_view(image, 64).shape == (64, 64, 3)
     views = crops.ten_views(image, 64)
     assert views.shape == (10, 64, 64, 3)
