@@ -20,7 +20,9 @@ gathers instead of ``len(levels)`` small pooling calls per window:
   is exactly the union of bins ``i*m/n .. (i+1)*m/n - 1`` of ``m`` (the floor/ceil edges
   coincide), so it is the max over those ``(m/n)^2`` finer bins. With levels (1, 2, 3, 6) only
   the 6 x 6 level touches the table.
-* Windows that map to the same cells are pooled once (``torch.unique`` on the cell rows).
+* Windows that map to the same cells are pooled once.
+* Windows are processed in chunks small enough that a chunk's bins stay in cache from the
+  gathers to the channel-major copy into the output.
 
 The code is device-agnostic (CPU or CUDA tensors; any floating dtype that ``torch.maximum``
 and ``index_select`` support on that device, float32 and float16 included).
@@ -46,9 +48,9 @@ __all__ = ["DEFAULT_LEVELS", "pooled_dim", "spp_pool", "spp_pool_reference"]
 DEFAULT_LEVELS: tuple[int, ...] = (1, 2, 3, 6)
 
 # Bytes of finest-level bin features per chunk of windows. Small enough that a chunk's
-# buffers stay in a core's L2 cache, large enough to amortise the ~35 tensor ops per chunk
-# (1 and 2 MB measured alike on a 2-core Xeon; 4 MB was 15% slower, 0.25 MB 20% slower).
-_CHUNK_BYTES = 2 * 1024 * 1024
+# buffers stay in a core's L2 cache, large enough to amortise the ~15 operations per chunk
+# (on a 2-core Xeon with 2 MB L2: 0.25 to 1 MB measured alike, 2 MB 5% slower).
+_CHUNK_BYTES = 1024 * 1024
 
 
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
@@ -158,43 +160,40 @@ def _build_table(fmap_hwc: Tensor, depth_y: int, depth_x: int) -> Tensor:
 
 
 @dataclass
-class _Correction:
-    """Bins that need one more corner block than the first: the corner's table rows, and
-    either all bins of the level (``dense``) or only the listed ones (sorted flat bin ids with
-    per-chunk slice bounds)."""
-
-    corner_rows: Tensor  # [K] table rows: all bins if dense, else one per listed bin
-    dense: bool
-    chunk_bin_ids: Tensor | None = None  # listed bins, numbered within their chunk
-    bounds: list[int] | None = None  # listed bins of chunk c: [bounds[c], bounds[c + 1])
-
-
-@dataclass
 class _Lookup:
-    """Table-row indices answering every bin of one pyramid level, flat over (window, i, j)."""
+    """Table-row indices answering every bin of one pyramid level, one entry per chunk of
+    windows; bins are flat over (window, i, j) within their chunk.
 
-    first_rows: Tensor  # [N * n * n] row of the (y_lo, x_lo) block of each bin
-    corrections: list[_Correction]
+    Every bin reads its ``(y_lo, x_lo)`` block. A corner block that most bins need is gathered
+    for all bins (``dense_rows``); the others are gathered only for the bins that need them
+    (``sparse_rows``, ordered by bin) and max-scattered onto those bins (``sparse_bins``, the
+    bin of each row expanded over the channels, as ``scatter_reduce_`` wants).
+    """
+
+    first_rows: list[Tensor]  # per chunk [count * n * n]
+    dense_rows: list[list[Tensor]]  # per chunk, per corner [count * n * n]
+    sparse_rows: list[Tensor]  # per chunk [K]
+    sparse_bins: list[Tensor]  # per chunk [K, C]
 
 
 # Above this fraction of bins needing a corner block, gathering that corner for every bin
-# (2 passes over the level's bins) is cheaper than gathering, merging and scattering back only
-# the bins that need it (about 4 passes over those bins).
+# and taking one elementwise maximum is cheaper than gathering and max-scattering only the
+# bins that need it.
 _SPARSE_LIMIT = 0.5
 
 
 def _plan_lookup(
     y_lo: Tensor, y_hi: Tensor, x_lo: Tensor, x_hi: Tensor,
-    log2: Tensor, depth_x: int, height: int, width: int, chunk: int,
+    log2: Tensor, depth_x: int, height: int, width: int, chunk_sizes: list[int], channels: int,
 ) -> _Lookup:
     """Corner rows of every bin of one level; ``y_lo`` etc. are ``[N, n]`` absolute edges,
-    ``log2`` the floor-log2 table, ``depth_x`` the table's x depth, ``chunk`` windows per chunk.
+    ``log2`` the floor-log2 table, ``depth_x`` the table's x depth, ``chunk_sizes`` the windows
+    of each chunk (consecutive, summing to ``N``).
 
     A bin ``[y_lo, y_hi) x [x_lo, x_hi)`` is the union of the blocks of size
     ``2^ky x 2^kx`` (``2^k`` the largest power of two not above the side) anchored at
     ``y_lo`` or ``y_hi - 2^ky`` and ``x_lo`` or ``x_hi - 2^kx``. When a side is itself a power
-    of two both anchors coincide, so most small bins need one block, not four; the extra
-    blocks are planned as corrections applied only to the bins that need them.
+    of two both anchors coincide, so most small bins need one block, not four.
     """
     count, n = y_lo.shape
     ky, kx = log2[y_hi - y_lo], log2[x_hi - x_lo]
@@ -206,24 +205,37 @@ def _plan_lookup(
 
     y_split = (y_other != y_lo)[:, :, None].expand(count, n, n)
     x_split = (x_other != x_lo)[:, None, :].expand(count, n, n)
-    bins_per_chunk = chunk * n * n
-    chunk_starts = torch.arange(0, count * n * n, bins_per_chunk, device=y_lo.device)
-    corrections = []
+    bins_per_chunk = [size * n * n for size in chunk_sizes]
+    dense_rows, sparse_rows, sparse_needs = [], [], []
     for needs, ys, xs in ((y_split, y_other, x_lo), (x_split, y_lo, x_other), (y_split & x_split, y_other, x_other)):
         needs = needs.reshape(-1)
-        corner = rows_at(ys, xs)
         needed = int(needs.sum())
         if needed == 0:
             continue
+        corner = rows_at(ys, xs)
         if needed > _SPARSE_LIMIT * needs.numel():
-            corrections.append(_Correction(corner_rows=corner, dense=True))
-            continue
-        bin_ids = needs.nonzero().squeeze(1)
-        bounds = torch.searchsorted(bin_ids, chunk_starts).tolist() + [needed]
-        corrections.append(_Correction(
-            corner_rows=corner[bin_ids], dense=False, chunk_bin_ids=bin_ids % bins_per_chunk, bounds=bounds,
-        ))
-    return _Lookup(first_rows=rows_at(y_lo, x_lo), corrections=corrections)
+            dense_rows.append(corner.split(bins_per_chunk))
+        else:
+            sparse_rows.append(corner)
+            sparse_needs.append(needs)
+    chunk_count = len(chunk_sizes)
+    if sparse_rows:
+        # Interleaved per bin, so the scatter walks each chunk's bins in order.
+        needs = torch.stack(sparse_needs, dim=1)
+        rows = torch.stack(sparse_rows, dim=1)[needs]
+        bins = needs.nonzero()[:, 0]
+        first_bins = torch.tensor([0] + bins_per_chunk[:-1], device=bins.device).cumsum(0)
+        chunk_of_bin = torch.searchsorted(first_bins, bins, right=True) - 1
+        sizes = torch.bincount(chunk_of_bin, minlength=chunk_count).tolist()
+        local_bins = (bins - first_bins[chunk_of_bin])[:, None].expand(-1, channels)
+        sparse_rows, sparse_bins = rows.split(sizes), local_bins.split(sizes)
+    else:
+        sparse_rows = sparse_bins = [y_lo.new_empty((0,))] * chunk_count
+    return _Lookup(
+        first_rows=rows_at(y_lo, x_lo).split(bins_per_chunk),
+        dense_rows=[list(corners) for corners in zip(*dense_rows)] if dense_rows else [[]] * chunk_count,
+        sparse_rows=list(sparse_rows), sparse_bins=list(sparse_bins),
+    )
 
 
 def _pool_windows(
@@ -234,6 +246,10 @@ def _pool_windows(
     Without ``out``: returns a new ``[N, D]`` tensor, row ``k`` for ``cells[k]``. With ``out``
     (``[M, D]``) and ``out_rows`` (``[N]``, distinct, increasing): writes the row of ``cells[k]``
     to ``out[out_rows[k]]`` and returns ``out``.
+
+    Windows are processed in chunks whose buffers stay in cache, each writing one contiguous
+    run of output rows. Every operand of every per-chunk operation is a view made once here:
+    the chunks are small, so creating views per chunk would cost as much as the arithmetic.
     """
     channels, height, width = fmap.shape
     device = fmap.device
@@ -256,106 +272,95 @@ def _pool_windows(
         longest_x = max(longest_x, int((x_hi - x_lo).max()))
     depth_y, depth_x = longest_y.bit_length(), longest_x.bit_length()
     log2 = _floor_log2_table(max(longest_y, longest_x), device)
-    lookups = {n: _plan_lookup(*edges[n], log2, depth_x, height, width, chunk) for n in looked_up}
+    chunks = _plan_chunks(total, chunk, out_rows)
+    chunk_sizes = [count for _, count, _ in chunks]
+    lookups = {n: _plan_lookup(*edges[n], log2, depth_x, height, width, chunk_sizes, channels) for n in looked_up}
 
     table = _build_table(fmap.permute(1, 2, 0).contiguous(), depth_y, depth_x)
     rows = table.view(-1, channels)
 
+    # Channels-last bin maxima of one chunk per level ([chunk, n, n, C]), and the elementwise
+    # maxima that derive the merged levels from finer ones (run fine to coarse).
+    bins = {n: fmap.new_empty((chunk, n, n, channels)) for n in looked_up}
+    merge_steps: list[tuple[Tensor, Tensor, Tensor]] = []
+    for n in sorted(plan, reverse=True):
+        if plan[n] is not None:
+            bins[n] = _plan_merge(bins[plan[n]], plan[n] // n, merge_steps)
+    flat_bins = {n: bins[n].view(-1, channels) for n in looked_up}
+    extra = fmap.new_empty((3 * chunk * finest, channels))
+
     dim = pooled_dim(channels, levels)
     if out is None:
         out = _new_large(fmap, (total, dim))
-    starts = list(range(0, total, chunk))
-    run_starts = starts if out_rows is None else _contiguous_runs(out_rows, starts, chunk)
-    # A chunk whose rows have gaps is assembled here and then copied to its rows.
-    staging = None if all(row is not None for row in run_starts) else fmap.new_empty((chunk, dim))
-    offsets = [0]
-    for n in levels[:-1]:
-        offsets.append(offsets[-1] + channels * n * n)
-    # Buffers reused across chunks: fresh multi-megabyte allocations would page-fault on every
-    # chunk and cost more than the gathers themselves.
-    gathered = {n: fmap.new_empty((chunk * n * n, channels)) for n in looked_up}
-    extra = fmap.new_empty((chunk * finest, channels))
-    current = fmap.new_empty((chunk * finest, channels))
 
-    for chunk_index, begin in enumerate(starts):
-        end = min(begin + chunk, total)
-        count = end - begin
-        bins: dict[int, Tensor] = {}  # level -> [count, n, n, C], channels last
-        for n in sorted(plan, reverse=True):
-            if plan[n] is not None:
-                bins[n] = _merge_bins(bins[plan[n]], plan[n] // n)
-                continue
-            bin_count = count * n * n
-            pooled = gathered[n][:bin_count]
-            _look_up(rows, lookups[n], chunk_index, begin * n * n, pooled, extra[:bin_count], current[:bin_count])
-            bins[n] = pooled.view(count, n, n, channels)
-        run_start = run_starts[chunk_index]
-        destination = staging[:count] if run_start is None else out[run_start:run_start + count]
-        for n, offset in zip(levels, offsets):
-            target = destination[:, offset:offset + channels * n * n].view(count, channels, n, n)
-            _copy_transposed(target, bins[n].permute(0, 3, 1, 2))
-        if run_start is None:
-            out.index_copy_(0, out_rows[begin:end], destination)
+    # Per level: the channel-major destination (a [rows, C, n, n] view of out) and the chunk's
+    # bins permuted to match. On the CPU both go through numpy: its strided copy is faster
+    # than torch's for these batched channel transposes, and slicing a numpy view per chunk
+    # costs a tenth of slicing a tensor.
+    on_numpy = fmap.device.type == "cpu" and fmap.dtype in _NUMPY_DTYPES
+    copy = np.copyto if on_numpy else Tensor.copy_
+    transposes = []
+    offset = 0
+    for n in levels:
+        span = slice(offset, offset + channels * n * n)
+        offset = span.stop
+        destination, source = out[:, span].view(out.shape[0], channels, n, n), bins[n].permute(0, 3, 1, 2)
+        transposes.append((destination.numpy(), source.numpy()) if on_numpy else (destination, source))
+
+    for chunk_index, (_, count, out_start) in enumerate(chunks):
+        full = count == chunk
+        for n, lookup in lookups.items():
+            pooled = flat_bins[n] if full else flat_bins[n][:count * n * n]
+            torch.index_select(rows, 0, lookup.first_rows[chunk_index], out=pooled)
+            for corner_rows in lookup.dense_rows[chunk_index]:
+                more = extra[:corner_rows.shape[0]]
+                torch.index_select(rows, 0, corner_rows, out=more)
+                torch.maximum(pooled, more, out=pooled)
+            corner_rows = lookup.sparse_rows[chunk_index]
+            if corner_rows.shape[0]:
+                more = extra[:corner_rows.shape[0]]
+                torch.index_select(rows, 0, corner_rows, out=more)
+                pooled.scatter_reduce_(0, lookup.sparse_bins[chunk_index], more, "amax")
+        # On a short last chunk the merges also run over stale rows past count; never copied out.
+        for first, second, merged in merge_steps:
+            torch.maximum(first, second, out=merged)
+        for destination, source in transposes:
+            copy(destination[out_start:out_start + count], source if full else source[:count])
     return out
 
 
-def _contiguous_runs(out_rows: Tensor, starts: list[int], chunk: int) -> list[int | None]:
-    """Per chunk of ``out_rows`` (increasing): its first row when the chunk's rows are one
-    contiguous run, else None."""
-    total = out_rows.shape[0]
-    ends = [min(begin + chunk, total) for begin in starts]
-    first_rows = out_rows[starts]
-    counts = torch.tensor([end - begin for begin, end in zip(starts, ends)], device=out_rows.device)
-    contiguous = (out_rows[[end - 1 for end in ends]] - first_rows + 1 == counts).tolist()
-    return [row if run else None for row, run in zip(first_rows.tolist(), contiguous)]
+def _plan_chunks(total: int, chunk: int, out_rows: Tensor | None) -> list[tuple[int, int, int]]:
+    """``(first window, window count, first output row)`` of each chunk: at most ``chunk``
+    consecutive windows whose output rows (``out_rows``, increasing, or the identity when
+    None) are consecutive too, so that each chunk writes one block of rows."""
+    if out_rows is None:
+        return [(begin, min(chunk, total - begin), begin) for begin in range(0, total, chunk)]
+    breaks = ((out_rows[1:] - out_rows[:-1]) != 1).nonzero()[:, 0] + 1
+    run_bounds = [0] + breaks.tolist() + [total]
+    first_rows = out_rows[run_bounds[:-1]].tolist()
+    chunks = []
+    for run_begin, run_end, first_row in zip(run_bounds[:-1], run_bounds[1:], first_rows):
+        for begin in range(run_begin, run_end, chunk):
+            chunks.append((begin, min(chunk, run_end - begin), first_row + begin - run_begin))
+    return chunks
 
 
-def _look_up(
-    rows: Tensor, lookup: _Lookup, chunk_index: int, first_bin: int, pooled: Tensor, extra: Tensor, current: Tensor,
-) -> None:
-    """Fill ``pooled`` (``[K, C]``) with the maxima of one chunk's ``K`` bins of one level,
-    starting at flat bin ``first_bin``; ``extra`` and ``current`` are scratch of at least ``K`` rows."""
-    bin_count = pooled.shape[0]
-    torch.index_select(rows, 0, lookup.first_rows[first_bin:first_bin + bin_count], out=pooled)
-    for fix in lookup.corrections:
-        if fix.dense:
-            torch.index_select(rows, 0, fix.corner_rows[first_bin:first_bin + bin_count], out=extra)
-            torch.maximum(pooled, extra, out=pooled)
-            continue
-        lo, hi = fix.bounds[chunk_index], fix.bounds[chunk_index + 1]
-        if lo == hi:
-            continue
-        local = fix.chunk_bin_ids[lo:hi]
-        more, now = extra[:hi - lo], current[:hi - lo]
-        torch.index_select(rows, 0, fix.corner_rows[lo:hi], out=more)
-        torch.index_select(pooled, 0, local, out=now)
-        torch.maximum(now, more, out=now)
-        pooled.index_copy_(0, local, now)
-
-
-def _copy_transposed(target: Tensor, source: Tensor) -> None:
-    """``target.copy_(source)`` for a permuted ``source``. numpy's strided copy is about twice
-    as fast as torch's for these batched channel transposes, so CPU tensors go through it."""
-    if target.device.type == "cpu" and target.dtype in _NUMPY_DTYPES:
-        np.copyto(target.numpy(), source.numpy())
-    else:
-        target.copy_(source)
-
-
-def _merge_bins(finer: Tensor, group: int) -> Tensor:
-    """``[N, m, m, C]`` bin maxima -> ``[N, m/group, m/group, C]``: each coarse bin is the max of
-    a ``group x group`` block of fine bins. Reduced one axis at a time with elementwise maxima
-    (a multi-axis ``amax`` over this strided view is several times slower)."""
+def _plan_merge(finer: Tensor, group: int, steps: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    """Plan ``[N, m, m, C]`` bin maxima -> ``[N, m/group, m/group, C]``: each coarse bin is the
+    max of a ``group x group`` block of fine bins. Appends ``(first, second, out)`` operands of
+    ``torch.maximum`` to ``steps`` and returns the (not yet computed) coarse buffer. Reduced one
+    axis at a time with elementwise maxima (a multi-axis ``amax`` over this strided view is
+    several times slower)."""
     count, m, _, channels = finer.shape
     n = m // group  # group >= 2: a level is only merged from a strictly finer one
-    along_x = finer.reshape(count, m, n, group, channels)
-    merged_x = torch.maximum(along_x[:, :, :, 0], along_x[:, :, :, 1])
-    for k in range(2, group):
-        torch.maximum(merged_x, along_x[:, :, :, k], out=merged_x)
-    along_y = merged_x.reshape(count, n, group, n, channels)
-    merged = torch.maximum(along_y[:, :, 0], along_y[:, :, 1])
-    for k in range(2, group):
-        torch.maximum(merged, along_y[:, :, k], out=merged)
+    along_x = finer.view(count, m, n, group, channels)
+    merged_x = finer.new_empty((count, m, n, channels))
+    steps.append((along_x[:, :, :, 0], along_x[:, :, :, 1], merged_x))
+    steps.extend((merged_x, along_x[:, :, :, k], merged_x) for k in range(2, group))
+    along_y = merged_x.view(count, n, group, n, channels)
+    merged = finer.new_empty((count, n, n, channels))
+    steps.append((along_y[:, :, 0], along_y[:, :, 1], merged))
+    steps.extend((merged, along_y[:, :, k], merged) for k in range(2, group))
     return merged
 
 
@@ -398,8 +403,13 @@ def spp_pool(
     with torch.no_grad():
         if not _dedup:
             return _pool_windows(fmap, cells, levels)
-        unique_cells, inverse = torch.unique(cells, dim=0, return_inverse=True)
-        total, distinct = cells.shape[0], unique_cells.shape[0]
+        # One integer per window (exact: cells lie inside the map), as torch.unique over rows
+        # sorts lexicographically and costs ~30x more.
+        height, width = fmap.shape[1:]
+        x1, y1, x2, y2 = cells.unbind(1)
+        keys = ((y2 * width + x2) * height + y1) * width + x1
+        unique_keys, inverse = torch.unique(keys, return_inverse=True)
+        total, distinct = cells.shape[0], unique_keys.shape[0]
         if distinct == total:
             return _pool_windows(fmap, cells, levels)
         # Pool each distinct window once, straight into the row of its first occurrence (in
@@ -408,9 +418,9 @@ def spp_pool(
         positions = torch.arange(total, device=cells.device)
         first = torch.full((distinct,), total, dtype=torch.long, device=cells.device)
         first.scatter_reduce_(0, inverse, positions, reduce="amin")
-        by_row = torch.argsort(first)
+        pooled_rows = torch.sort(first).values
         out = _new_large(fmap, (total, pooled_dim(channels, levels)))
-        _pool_windows(fmap, unique_cells[by_row], levels, out=out, out_rows=first[by_row])
+        _pool_windows(fmap, cells[pooled_rows], levels, out=out, out_rows=pooled_rows)
         repeats = (first[inverse] != positions).nonzero().squeeze(1)
         out.index_copy_(0, repeats, out.index_select(0, first[inverse[repeats]]))
         return out
