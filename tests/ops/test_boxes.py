@@ -18,14 +18,7 @@ from sppcli.ops.boxes import (
     clip_boxes,
     nms,
 )
-
-
-def loop_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+from tests.reference import iou_loop
 
 
 def loop_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> list[int]:
@@ -34,7 +27,7 @@ def loop_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> lis
     order = sorted(range(len(box_list)), key=lambda i: (-score_list[i], i))
     kept: list[int] = []
     for i in order:
-        if all(loop_iou(box_list[i], box_list[k]) <= threshold for k in kept):
+        if all(iou_loop(box_list[i], box_list[k]) <= threshold for k in kept):
             kept.append(i)
     return kept
 
@@ -64,7 +57,7 @@ def test_box_iou_against_loop_including_degenerate_boxes():
     b = torch.cat([random_boxes(20, generator), a[:5], torch.tensor([[5.0, 5.0, 5.0, 9.0], [3.0, 3.0, 3.0, 3.0]])])
     a = torch.cat([a, torch.tensor([[3.0, 3.0, 3.0, 3.0]], dtype=torch.float64)])
     got = box_iou(a, b)
-    expected = torch.tensor([[loop_iou(x, y) for y in b.tolist()] for x in a.tolist()], dtype=torch.float64)
+    expected = torch.tensor([[iou_loop(x, y) for y in b.tolist()] for x in a.tolist()], dtype=torch.float64)
     assert got.shape == (31, 27)
     assert torch.allclose(got, expected, rtol=0, atol=1e-12)
     assert not torch.isnan(got).any()

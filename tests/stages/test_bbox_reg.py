@@ -11,6 +11,7 @@ from sppcli.bbox_regression import fit_ridge_regressors, load_regressor
 from sppcli.pipeline import RunOptions, run_stage
 from sppcli.stages import bbox_reg
 from tests.stages.test_finetune import planner_for, pool_manifest, tiny_upstream
+from tests.reference import iou_loop
 
 CPU = RunOptions(device="cpu")
 
@@ -18,14 +19,6 @@ CPU = RunOptions(device="cpu")
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, tiny_devkit, tiny_weights) -> Path:
     return tiny_upstream(tmp_path_factory, tiny_devkit, tiny_weights)
-
-
-def _iou(a, b) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _reference_windows(paths, min_iou):
@@ -41,7 +34,7 @@ def _reference_windows(paths, min_iou):
             norms.append(np.linalg.norm(item_feats[i].astype(np.float64)))
             if len(gt_boxes) == 0:
                 continue
-            ious = [_iou(box, g) for g in gt_boxes]
+            ious = [iou_loop(box, g) for g in gt_boxes]
             best = int(np.argmax(ious))
             if ious[best] >= min_iou:
                 feats.append(item_feats[i])

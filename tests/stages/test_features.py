@@ -23,16 +23,6 @@ from tests.conftest import TINY_ARCH, tiny_config
 CPU = RunOptions(device="cpu", workers=0)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tiny nets gain nothing from intra-op threads, and on a busy machine (the suite runs
-    beside other jobs) OpenMP threads waiting for each other made these tests 5x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def run_features(cache: Path, config, split="trainval", options=CPU, force=False):
     planner = Planner(ArtifactStore(cache), config)
     return run_stage(planner, features, planner.plan("features", split), options, force=force)

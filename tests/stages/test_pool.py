@@ -15,21 +15,12 @@ from sppcli.ops.spp_pool import spp_pool_reference
 from sppcli.pipeline import Planner, RunOptions, run_stage
 from sppcli.stages import features, pool
 from tests.conftest import tiny_config
+from tests.reference import iou_loop
 
 LEVELS = (1, 2, 3, 6)
 # Two scales far enough apart that large windows pick the small one and small windows the large.
 SCALES = "features.scales=[128, 360]"
 SERIAL = RunOptions(device="cpu", workers=0)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tiny nets gain nothing from intra-op threads, and on a busy machine (the suite runs
-    beside other jobs) OpenMP threads waiting for each other made these tests 5x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def random_proposals(rng: np.random.Generator, width: int, height: int, count: int) -> np.ndarray:
@@ -72,15 +63,6 @@ def pipeline(cache: Path, config, split="trainval", options=SERIAL):
 def read_item(path: Path) -> dict:
     with h5py.File(path, "r") as f:
         return {**{k: f[k][()] for k in f}, **{f"@{k}": v for k, v in f.attrs.items()}}
-
-
-def iou_loop(a, b) -> float:
-    """IoU of two internal (continuous pixel-edge) boxes, float64."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def check_item(item: dict, gt, proposals: np.ndarray, feature_item, geometry, num_classes: int) -> None:

@@ -11,6 +11,7 @@ from sppcli.stages import finetune, svm
 from sppcli.svm import SvmParams, load_svms, train_class_svm
 from sppcli.window_sampling import read_pool_windows
 from tests.stages.test_finetune import planner_for, pool_manifest, tiny_upstream
+from tests.reference import iou_loop
 
 CPU = RunOptions(device="cpu")
 
@@ -18,14 +19,6 @@ CPU = RunOptions(device="cpu")
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, tiny_devkit, tiny_weights) -> Path:
     return tiny_upstream(tmp_path_factory, tiny_devkit, tiny_weights)
-
-
-def _iou(a, b) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def test_negatives_exclude_windows_near_the_class(cache, tiny_devkit, tiny_weights):
@@ -40,10 +33,10 @@ def test_negatives_exclude_windows_near_the_class(cache, tiny_devkit, tiny_weigh
             # reference: IoU < 0.3 with every ground truth of class c (float64 loop), then
             # greedy in window order: drop a window overlapping a kept one by more than 0.7
             candidates = [i for i in range(len(boxes))
-                          if all(_iou(boxes[i], g) < 0.3 for g, lab in zip(gts, windows.gt_labels) if lab == c)]
+                          if all(iou_loop(boxes[i], g) < 0.3 for g, lab in zip(gts, windows.gt_labels) if lab == c)]
             kept = []
             for i in candidates:
-                if all(_iou(boxes[i], boxes[j]) <= 0.7 for j in kept):
+                if all(iou_loop(boxes[i], boxes[j]) <= 0.7 for j in kept):
                     kept.append(i)
             assert rows.tolist() == kept, (image_id, c)
             assert not windows.is_gt[rows][windows.gt_label[rows] == c].any()
@@ -143,7 +136,6 @@ def test_a_class_without_positives_is_skipped(tmp_path_factory, tiny_devkit, tin
     models, _, names = load_svms(manifest.path("svms.npz"))
     assert names[-1] == "zebra" and models["zebra"] is None
     assert sum(models[n] is not None for n in names) == len(m["trained_classes"]) >= 1
-
 
 
 def test_an_interrupted_pass_ends_every_trainer():
