@@ -59,6 +59,7 @@ demo: install
 	  $(SPP) evaluate $(DEMO) --variant $$row -q || exit 1; \
 	done
 	$(SPP) show $(DEMO) --variant ftfc7bb --score 0 --limit 12
+	$(SPP) classify $(DEMO) --device $(DEVICE)
 	$(SPP) report $(DEMO)
 
 # ---------------------------------------------------------------------------------------------
