@@ -71,7 +71,7 @@ def map_images(fn: Callable[[Any], T], items: Sequence[Any], workers: int = 1,
 
 @contextlib.contextmanager
 def single_torch_thread():
-    """Run torch single-threaded inside the block (restoring the count after).
+    """Run torch single-threaded inside the block (restoring the count after); also a decorator.
 
     Pooling is thousands of small gathers and maxima; splitting each across OpenMP threads gains
     little, and when the cores are busy (``--workers`` processes, or other jobs) every one of those

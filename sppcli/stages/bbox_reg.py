@@ -127,13 +127,8 @@ def training_fit(regressor: BBoxRegressor, data: RegressionWindows, classes: Seq
             "mean_iou_after": float(after.mean()) if after.size else None}
 
 
+@single_torch_thread()  # small matrix work: a second OpenMP thread only waits on a busy core
 def run(params: BBoxRegParams, inputs: Inputs, out: StageRun) -> Manifest:
-    # Small matrix work: a second OpenMP thread only waits on a busy core (see single_torch_thread).
-    with single_torch_thread():
-        return _run(params, inputs, out)
-
-
-def _run(params: BBoxRegParams, inputs: Inputs, out: StageRun) -> Manifest:
     check_params(params)
     started = time.perf_counter()
     classes = list(inputs.classes)

@@ -195,13 +195,8 @@ def _combine(own: tuple[np.ndarray, np.ndarray, np.ndarray], others: list[tuple[
     return boxes[keep], scores[keep], labels[keep].astype(np.int16)
 
 
+@single_torch_thread()  # small matrix work: a second OpenMP thread only waits on a busy core
 def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
-    # Small matrix work: a second OpenMP thread only waits on a busy core (see single_torch_thread).
-    with single_torch_thread():
-        return _run(params, inputs, out)
-
-
-def _run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     from sppcli.data.voc import internal_box_to_voc
 
     ds = inputs.dataset

@@ -358,13 +358,8 @@ def finetuned_net(net, head: FcHead, pool_levels: Sequence[int]):
     return net
 
 
+@single_torch_thread()  # small matrix work: a second OpenMP thread only waits on a busy core
 def run(params: FinetuneParams, inputs: Inputs, out: StageRun) -> Manifest:
-    # Small matrix work: a second OpenMP thread only waits on a busy core (see single_torch_thread).
-    with single_torch_thread():
-        return _run(params, inputs, out)
-
-
-def _run(params: FinetuneParams, inputs: Inputs, out: StageRun) -> Manifest:
     check_params(params)
     started = time.perf_counter()
     device = torch.device(inputs.device)

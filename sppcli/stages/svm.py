@@ -349,13 +349,8 @@ def mining_batches(paths: Sequence[Path], num_classes: int, features: LayerFeatu
         yield batches
 
 
+@single_torch_thread()  # small matrix work: a second OpenMP thread only waits on a busy core
 def run(params: StageSvmParams, inputs: Inputs, out: StageRun) -> Manifest:
-    # Small matrix work: a second OpenMP thread only waits on a busy core (see single_torch_thread).
-    with single_torch_thread():
-        return _run(params, inputs, out)
-
-
-def _run(params: StageSvmParams, inputs: Inputs, out: StageRun) -> Manifest:
     check_params(params)
     started = time.perf_counter()
     classes = list(inputs.classes)
