@@ -152,8 +152,14 @@ def detect_image(image_id: str, *, pool_item: Path, out_item: Path, svm_dir: str
 
 
 def _read_candidates(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _read_item(path)[0]
+
+
+def _read_item(path: Path) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], float, int]:
+    """((boxes, scores, labels), fc seconds, windows scored) of a pass-1 item."""
     with h5py.File(path, "r") as f:
-        return f["boxes"][()], f["scores"][()], f["labels"][()]
+        candidates = (f["boxes"][()], f["scores"][()], f["labels"][()])
+        return candidates, float(f.attrs["fc_seconds"]), int(f.attrs["n_windows"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,14 +220,13 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     class_names = list(ds.classes)
     candidates, fc_seconds, n_windows = [], [], []
     for image_id in progress(ids, total=len(ids), desc="gather"):
-        cand = _read_candidates(out.item_path(image_id))
+        cand, seconds, windows = _read_item(out.item_path(image_id))
         if inputs.combine:
             others = [_read_candidates(Path(o) / "items" / f"{image_id}.h5") for o in inputs.combine]
             cand = _combine(cand, others, params.nms_iou)
         candidates.append(cand)
-        with h5py.File(out.item_path(image_id), "r") as f:
-            fc_seconds.append(float(f.attrs["fc_seconds"]))
-            n_windows.append(int(f.attrs["n_windows"]))
+        fc_seconds.append(seconds)
+        n_windows.append(windows)
     kept = select_detections(candidates, len(class_names), params)
 
     image_index = np.concatenate([np.full(len(k), i, dtype=np.int32) for i, k in enumerate(kept)]) if ids else np.zeros(0, np.int32)
