@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -91,6 +92,36 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (set, frozenset)):
         return sorted(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def json_number(value: Any, digits: int | None = None) -> float | None:
+    """A float for a JSON artifact: NaN (e.g. AP of a class without ground truth) and None
+    become null, since standard JSON has no NaN; ``digits`` rounds."""
+    if value is None:
+        return None
+    value = float(value)
+    if math.isnan(value):
+        return None
+    return value if digits is None else round(value, digits)
+
+
+def item_means(items_dir: Path, ids: Iterable[str], attrs: Iterable[str]) -> dict[str, float | None]:
+    """Mean over the items of each named HDF5 attribute, and ``bytes`` (mean file size).
+
+    The per-item timings a per-image stage writes into its items (``conv_seconds``,
+    ``seconds``...) become one number each for its manifest; None when there are no items.
+    """
+    import h5py
+
+    attrs = list(attrs)
+    values: dict[str, list[float]] = {name: [] for name in attrs + ["bytes"]}
+    for image_id in ids:
+        path = Path(items_dir) / f"{image_id}.h5"
+        with h5py.File(path, "r") as f:
+            for name in attrs:
+                values[name].append(float(f.attrs[name]))
+        values["bytes"].append(path.stat().st_size)
+    return {name: (sum(v) / len(v) if v else None) for name, v in values.items()}
 
 
 def canonical_json(obj: Any) -> str:
@@ -284,13 +315,6 @@ class ArtifactStore:
             return None
         m = self.manifest(stage, dataset, key)
         return m if m is not None and m.complete else None
-
-    def require(self, stage: str, dataset: str, hint: str) -> Manifest:
-        """The latest complete ``stage`` artifact, or an error that says how to make it."""
-        m = self.latest(stage, dataset)
-        if m is None:
-            raise ArtifactError(f"no complete {stage} artifact for {dataset} under {self.root}; run `{hint}`")
-        return m
 
     def state(self, stage: str, dataset: str, key: str, version: int, params: Mapping,
               upstream: Mapping, external: Mapping, total_items: int | None = None) -> StageState:

@@ -24,7 +24,10 @@ def _set(section_key: str, value) -> list[str]:
 
 
 def _run_stage(stage: str, module: str, kw: dict, extra: list[str] = (), split_role: str | None = None):
-    """Shared body of every stage command; returns (planner, manifest)."""
+    """Shared body of every stage command; returns (planner, manifest).
+
+    ``module`` is the stage module's full name; it is imported only if the stage has to run.
+    """
     from sppcli.pipeline import RunOptions, run_stage
 
     setup_logging(kw["verbose"], kw["quiet"])
@@ -33,7 +36,7 @@ def _run_stage(stage: str, module: str, kw: dict, extra: list[str] = (), split_r
     plan = planner.plan(stage, split)
     options = RunOptions(device=kw.get("device", "auto"), workers=kw.get("workers", 1),
                          scheduler=kw.get("scheduler"))
-    manifest, _ran = run_stage(planner, f"sppcli.stages.{module}", plan, options, force=kw["force"])
+    manifest, _ran = run_stage(planner, module, plan, options, force=kw["force"])
     return planner, manifest
 
 
@@ -128,11 +131,11 @@ def proposals_cmd(mode, max_boxes, min_size, max_side, **kw):
     Example:
       sppcli proposals --config pipelines/demo.toml --split test --workers 2
     """
-    from sppcli.proposal_metrics import format_recall_table
+    from sppcli.data.proposal_recall import format_recall_table
 
     extra = (_set("proposals.mode", mode) + _set("proposals.max_boxes", max_boxes) + _set("proposals.min_size", min_size)
              + _set("proposals.max_side", max_side))
-    planner, m = _run_stage("proposals", "proposals", kw, extra, split_role="train")
+    planner, m = _run_stage("proposals", "sppcli.stages.proposals", kw, extra, split_role="train")
     click.echo(format_recall_table(m.metrics, m.dataset), err=True)
     emit(m, kw["as_json"], f"proposals: {m.dir}")
 
@@ -154,10 +157,10 @@ def import_proposals_cmd(source, convention, **kw):
       sppcli import-proposals selective_search_data/voc_2007_test.mat --split test \\
           --config pipelines/voc2007.toml --set dataset.devkit=VOCdevkit/VOC2007
     """
-    from sppcli.proposal_metrics import format_recall_table
+    from sppcli.data.proposal_recall import format_recall_table
 
     extra = _set("proposals.imported", str(source.resolve())) + _set("proposals.imported_convention", convention)
-    planner, m = _run_stage("proposals", "proposals", kw, extra, split_role="train")
+    planner, m = _run_stage("proposals", "sppcli.stages.proposals", kw, extra, split_role="train")
     click.echo(format_recall_table(m.metrics, m.dataset), err=True)
     emit(m, kw["as_json"], f"proposals (imported): {m.dir}")
 
@@ -190,7 +193,7 @@ def pretrain_cmd(sizes, epochs, folder, **kw):
         extra += _set("pretrain.sizes", [int(s) for s in sizes.split(",")])
     if folder is not None:
         extra += _set("pretrain.source", "folder") + _set("pretrain.folder", str(folder.resolve()))
-    planner, m = _run_stage("pretrain", "pretrain", kw, extra)
+    planner, m = _run_stage("pretrain", "sppcli.stages.pretrain", kw, extra)
     click.echo(format_eval_table(m.metrics), err=True)
     emit(m, kw["as_json"], f"pretrain: {m.dir / 'model.pt'}")
 
@@ -217,7 +220,7 @@ def extract_features_cmd(weights, scales, dtype, autocast, **kw):
         extra += _set("features.weights", str(weights.resolve()))
     if scales is not None:
         extra += _set("features.scales", [int(s) for s in scales.split(",")])
-    planner, m = _run_stage("features", "features", kw, extra, split_role="train")
+    planner, m = _run_stage("features", "sppcli.stages.features", kw, extra, split_role="train")
     emit(m, kw["as_json"], f"features: {m.metrics.get('conv_seconds_per_image', 0):.3f} s/image conv, "
                            f"{m.metrics.get('bytes_per_image', 0) / 1e6:.2f} MB/image -> {m.dir}")
 
@@ -234,7 +237,7 @@ def pool_windows_cmd(levels, **kw):
       sppcli pool-windows --config pipelines/demo.toml --split trainval --workers 2
     """
     extra = _set("pool.levels", [int(s) for s in levels.split(",")]) if levels else []
-    planner, m = _run_stage("pool", "pool", kw, extra, split_role="train")
+    planner, m = _run_stage("pool", "sppcli.stages.pool", kw, extra, split_role="train")
     emit(m, kw["as_json"], f"pool: {m.metrics.get('feature_dim')}-d windows, "
                            f"{m.metrics.get('pool_seconds_per_image', 0):.3f} s/image -> {m.dir}")
 
@@ -251,8 +254,12 @@ def classify_cmd(size, layer, **kw):
     Example:
       sppcli classify --config pipelines/demo.toml --size 224 --layer fc7
     """
+    from sppcli.data.voc_eval import format_ap_table
+
     extra = _set("classify.size", size) + _set("classify.layer", layer)
-    planner, m = _run_stage("classify", "classify", kw, extra)
+    planner, m = _run_stage("classify", "sppcli.stages.classify", kw, extra)
+    classes = planner.dataset(planner.split_of("train")).classes
+    click.echo(format_ap_table({f"{m.metrics['layer']} s={m.metrics['size']}": m.metrics["ap"]}, classes), err=True)
     mAP = m.metrics.get("mAP")
     emit(m, kw["as_json"], f"classify: mAP {'n/a' if mAP is None else f'{100 * mAP:.1f}'} -> {m.dir}")
 
@@ -271,7 +278,7 @@ def finetune_fc_cmd(iterations, **kw):
     Example:
       sppcli finetune-fc --config pipelines/demo.toml --device cuda
     """
-    planner, m = _run_stage("finetune", "finetune", kw, _set("finetune.iterations", iterations))
+    planner, m = _run_stage("finetune", "sppcli.stages.finetune", kw, _set("finetune.iterations", iterations))
     emit(m, kw["as_json"], f"finetune-fc: -> {m.dir}")
 
 
@@ -290,7 +297,7 @@ def train_svm_cmd(layer, finetuned, C, variant, **kw):
       sppcli train-svm --config pipelines/demo.toml --layer fc7 --finetuned
     """
     extra = _variant(variant) + _set("svm.layer", layer) + _set("svm.finetuned", finetuned) + _set("svm.C", C)
-    planner, m = _run_stage("svm", "svm", kw, extra)
+    planner, m = _run_stage("svm", "sppcli.stages.svm", kw, extra)
     emit(m, kw["as_json"], f"train-svm: {m.params['layer']} -> {m.dir}")
 
 
@@ -305,7 +312,7 @@ def train_bbox_reg_cmd(lam, **kw):
     Example:
       sppcli train-bbox-reg --config pipelines/demo.toml
     """
-    planner, m = _run_stage("bbox_reg", "bbox_reg", kw, _set("bbox_reg.lam", lam))
+    planner, m = _run_stage("bbox_reg", "sppcli.stages.bbox_reg", kw, _set("bbox_reg.lam", lam))
     emit(m, kw["as_json"], f"train-bbox-reg: -> {m.dir}")
 
 
@@ -326,7 +333,7 @@ def detect_cmd(bbox_reg, combine, variant, **kw):
     extra = _variant(variant) + _set("detect.bbox_reg", bbox_reg)
     if combine:
         extra += _set("detect.combine", [str(Path(c).resolve()) for c in combine])
-    planner, m = _run_stage("detect", "detect", kw, extra, split_role="test")
+    planner, m = _run_stage("detect", "sppcli.stages.detect", kw, extra, split_role="test")
     emit(m, kw["as_json"], f"detect: {m.metrics.get('n_detections')} detections -> {m.dir}")
 
 
@@ -345,7 +352,7 @@ def evaluate_cmd(metric, variant, **kw):
     """
     from sppcli.stages.evaluate import format_result
 
-    planner, m = _run_stage("evaluate", "evaluate", _no_json(kw), _variant(variant) + _set("evaluate.metric", metric),
+    planner, m = _run_stage("evaluate", "sppcli.stages.evaluate", _no_json(kw), _variant(variant) + _set("evaluate.metric", metric),
                             split_role="test")
     if kw["as_json"]:
         click.echo((m.dir / "ap.json").read_text())

@@ -26,6 +26,11 @@ class ConfigError(ValueError):
     pass
 
 
+#: Storage dtypes of conv5 maps and pooled features (``features.dtype``, ``pool.dtype``), by the
+#: name numpy and torch both give them.
+STORAGE_DTYPES = ("float16", "float32")
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetParams:
     """Which VOC-format devkit the pipeline runs on."""

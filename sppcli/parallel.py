@@ -26,10 +26,6 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", un
                      dynamic_ncols=True, mininterval=0.5))
 
 
-def default_workers() -> int:
-    return max(1, (os.cpu_count() or 1))
-
-
 @contextlib.contextmanager
 def _dask_backend(scheduler: str):
     try:
@@ -87,3 +83,14 @@ def single_torch_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def resolve_device(device: str) -> str:
+    """``--device``: ``auto`` becomes ``cuda`` when CUDA is available, else ``cpu``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+    return device

@@ -8,43 +8,16 @@ mutable "latest" pointer (two SVM variants can live side by side, as Table 6 nee
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Callable, Mapping
 
 from sppcli.artifacts import ArtifactError, ArtifactStore, Manifest, StageState, stage_key
 from sppcli.config import Config, as_dict
+from sppcli.stages import STAGES
 
-# stage name -> CLI command that makes it (for "run this next" hints)
-COMMANDS = {
-    "proposals": "sppcli proposals",
-    "pretrain": "sppcli pretrain",
-    "features": "sppcli extract-features",
-    "pool": "sppcli pool-windows",
-    "finetune": "sppcli finetune-fc",
-    "svm": "sppcli train-svm",
-    "bbox_reg": "sppcli train-bbox-reg",
-    "detect": "sppcli detect",
-    "evaluate": "sppcli evaluate",
-    "classify": "sppcli classify",
-}
-
-# Bump when a stage's output for the same inputs changes (a bug fix, a new field).
-VERSIONS = {
-    "proposals": 1,
-    "pretrain": 1,
-    "features": 1,
-    "pool": 1,
-    "finetune": 1,
-    "svm": 1,
-    "bbox_reg": 1,
-    "detect": 1,
-    "evaluate": 1,
-    "classify": 1,
-}
-
-PER_IMAGE = {"proposals", "features", "pool", "detect"}
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +31,7 @@ class Plan:
 
     @property
     def version(self) -> int:
-        return VERSIONS[self.stage]
+        return STAGES[self.stage].version
 
     @property
     def upstream_keys(self) -> dict[str, str]:
@@ -71,8 +44,8 @@ class Plan:
     @property
     def command(self) -> str:
         """The command that makes this artifact (without --config / --set, which the caller adds)."""
-        split = f" --split {self.split}" if self.stage in PER_IMAGE or self.stage == "evaluate" else ""
-        return f"{COMMANDS[self.stage]}{split}"
+        split = f" --split {self.split}" if STAGES[self.stage].per_image or self.stage == "evaluate" else ""
+        return f"{STAGES[self.stage].command}{split}"
 
 
 def open_dataset(config: Config, split: str):
@@ -182,7 +155,7 @@ class Planner:
             external["train"] = self.dataset_digest(train)
             external["test"] = self.dataset_digest(c.dataset.test_split)
         else:
-            raise ValueError(f"unknown stage {stage!r}; known: {', '.join(VERSIONS)}")
+            raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
         return Plan(stage=stage, split=split, dataset=ds.name, params=params, upstream=upstream,
                     external=external)
 
@@ -203,7 +176,7 @@ class Planner:
         return out
 
     def state(self, plan: Plan) -> StageState:
-        total = len(self.dataset(plan.split)) if plan.stage in PER_IMAGE else None
+        total = len(self.dataset(plan.split)) if STAGES[plan.stage].per_image else None
         return self.store.state(plan.stage, plan.dataset, plan.key, plan.version, plan.params,
                                 plan.upstream_keys, plan.external, total_items=total)
 
@@ -215,7 +188,7 @@ def execute(planner: Planner, plan: Plan, run: Callable[[dict[str, Manifest], "o
     ``run(upstream_manifests, stage_run)`` does the work and returns ``stage_run.finish(...)``.
     A partial run directory with the same key is resumed (its finished items are kept).
     """
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or _log.info
     store = planner.store
     existing = store.manifest(plan.stage, plan.dataset, plan.key)
     if existing is not None and existing.complete and not force:
@@ -246,36 +219,22 @@ class RunOptions:
 
 def run_stage(planner: Planner, module, plan: Plan, options: RunOptions = RunOptions(),
               force: bool = False, log: Callable[[str], None] | None = None) -> tuple[Manifest, bool]:
-    """Run one stage module (``sppcli.stages.<name>``) for ``plan`` through :func:`execute`.
+    """Run a stage module (``sppcli.stages.<name>``, or its full name) for ``plan``.
 
-    A stage module exposes ``VERSION``, ``Params``, ``params_from(config)``, an ``Inputs``
-    dataclass, ``inputs_for(planner, plan, upstream, options)`` and ``run(params, inputs, out)``.
-    ``module`` may be its dotted name: it is then imported only if the stage has to run, so an
-    up-to-date check never pays for importing torch.
+    A stage module exposes ``Params``, ``params_from(config)``, an ``Inputs`` dataclass,
+    ``inputs_for(planner, plan, upstream, options)`` and ``run(params, inputs, out)``. Given by
+    name, it is imported only if the stage has to run, so an up-to-date check never pays for
+    importing torch.
     """
 
     def _run(upstream, out):
-        nonlocal module
-        if isinstance(module, str):
-            import importlib
+        import importlib
 
-            module = importlib.import_module(module)
-        if module.VERSION != plan.version:  # pragma: no cover - a developer error
-            raise RuntimeError(f"{module.__name__}.VERSION {module.VERSION} != pipeline {plan.version}")
-        inputs = module.inputs_for(planner, plan, upstream, options)
-        return module.run(module.params_from(planner.config), inputs, out)
+        stage = importlib.import_module(module) if isinstance(module, str) else module
+        inputs = stage.inputs_for(planner, plan, upstream, options)
+        return stage.run(stage.params_from(planner.config), inputs, out)
 
     return execute(planner, plan, _run, force=force, log=log)
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
-    return device
 
 
 # The rows of the paper's Table 6, as config overrides on top of a pipeline config.

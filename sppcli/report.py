@@ -13,7 +13,7 @@ def _complete(planner: Planner, plan):
 
 def table6(planner: Planner) -> tuple[str, dict]:
     """Text table and its data: mAP of every Table 6 row that has been evaluated, and timings."""
-    from sppcli.voc_eval import format_ap_table
+    from sppcli.data.voc_eval import format_ap_table
 
     c = planner.config
     test = c.dataset.test_split

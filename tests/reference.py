@@ -1,4 +1,11 @@
 """Slow, obviously correct references shared by tests."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from sppcli.nets.heads import pooled_permutation
 
 
 def iou_loop(a, b) -> float:
@@ -8,3 +15,13 @@ def iou_loop(a, b) -> float:
     inter = iw * ih
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+def reorder_pooled(pooled: np.ndarray, from_levels: Sequence[int], to_levels: Sequence[int],
+                   channels: int) -> np.ndarray:
+    """``pooled`` ``[N, D]`` laid out by ``from_levels`` -> the same bins laid out by ``to_levels``."""
+    perm = pooled_permutation(from_levels, to_levels, channels)
+    if pooled.shape[-1] != perm.shape[0]:
+        raise ValueError(f"pooled vectors have {pooled.shape[-1]} columns; levels {tuple(from_levels)} "
+                         f"with {channels} channels give {perm.shape[0]}")
+    return pooled[..., perm]

@@ -1,9 +1,10 @@
+import dataclasses
 import json
 import os
 
 import pytest
 
-from sppcli import pipeline
+from sppcli.stages import STAGES
 from sppcli.artifacts import ArtifactStore, Manifest, atomic_path, stage_key
 from sppcli.config import load_config
 from sppcli.pipeline import Planner
@@ -44,7 +45,8 @@ def test_planner_keys_chain_through_upstream(tiny_devkit, cache_dir):
 def test_version_bump_changes_key(tiny_devkit, cache_dir, monkeypatch):
     p = Planner(ArtifactStore(cache_dir), tiny_config(tiny_devkit, None))
     before = p.plan("detect").key
-    monkeypatch.setitem(pipeline.VERSIONS, "pool", pipeline.VERSIONS["pool"] + 1)
+    pool = STAGES["pool"]
+    monkeypatch.setitem(STAGES, "pool", dataclasses.replace(pool, version=pool.version + 1))
     assert p.plan("detect").key != before
 
 

@@ -5,12 +5,26 @@ fc6 and fc7 are 4096-d in the paper; ``hidden`` shrinks them for the small demo 
 the classifier (1000-way for ImageNet pretraining, 21-way for VOC fine-tuning) and may be left
 out when only fc6/fc7 features are wanted. All fc weights start as N(0, 0.01^2) with zero
 bias, the release's weight filler.
+
+Pooled-vector layouts. Both the classifier's SPP layer (:mod:`sppcli.nets.spp_layer`) and the
+detection pooling (:mod:`sppcli.ops.spp_pool`) lay a vector out level by level in the order the
+levels are listed, each level channel-major (``c * n * n + row * n + col``). The classifier
+uses ``(6, 3, 2, 1)``, detection ``(1, 2, 3, 6)``: same bins, different positions. fc6 was trained
+on the classifier's layout, so :func:`detection_head` permutes fc6's input columns once so that
+detection-pooled vectors meet the weights each bin was trained with.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from torch import nn
+
+#: Layers whose features the detector can use: the pooled vector itself, fc6 or fc7 after ReLU.
+FC_LAYERS = ("pool5", "fc6", "fc7")
 
 
 class FcHead(nn.Module):
@@ -80,3 +94,84 @@ class FcHead(nn.Module):
 def _init_linear(layer: nn.Linear, std: float) -> None:
     nn.init.normal_(layer.weight, mean=0.0, std=std)
     nn.init.zeros_(layer.bias)
+
+
+def _level_offsets(levels: Sequence[int], channels: int) -> dict[int, int]:
+    offsets, position = {}, 0
+    for n in levels:
+        offsets[int(n)] = position
+        position += channels * int(n) * int(n)
+    return offsets
+
+
+def pooled_permutation(from_levels: Sequence[int], to_levels: Sequence[int], channels: int) -> np.ndarray:
+    """Column indices ``perm`` with ``pooled_to = pooled_from[:, perm]``.
+
+    Args:
+        from_levels, to_levels: the same set of pyramid levels in two orders, e.g.
+            ``(1, 2, 3, 6)`` and ``(6, 3, 2, 1)``.
+        channels: C of the pooled conv map.
+
+    Returns:
+        int64 ``[C * sum(n * n)]``.
+
+    Raises:
+        ValueError: the two lists do not hold the same levels (the vectors then hold different
+            bins, and no permutation relates them).
+    """
+    from_levels = [int(n) for n in from_levels]
+    to_levels = [int(n) for n in to_levels]
+    if sorted(from_levels) != sorted(to_levels) or len(set(from_levels)) != len(from_levels):
+        raise ValueError(f"pyramid levels {tuple(from_levels)} and {tuple(to_levels)} hold different bins; "
+                         "set pool.levels to the net's levels in any order")
+    source = _level_offsets(from_levels, channels)
+    return np.concatenate([source[n] + np.arange(channels * n * n, dtype=np.int64) for n in to_levels])
+
+
+def detection_head(net, pool_levels: Sequence[int]) -> FcHead:
+    """A copy of ``net.head`` (an :class:`~sppcli.nets.sppnet.SppNet`'s) whose fc6 takes
+    vectors pooled with ``pool_levels`` ordering.
+
+    ``detection_head(net, (1, 2, 3, 6))(x)`` equals ``net.head(x[:, pooled_permutation((1, 2, 3, 6),
+    net.levels, C)])``: fc6's weight columns are permuted once instead of every vector.
+    """
+    # det = cls[:, perm], so W_det @ det = W_cls @ cls exactly when W_det = W_cls[:, perm].
+    perm = torch.from_numpy(pooled_permutation(net.levels, pool_levels, net.trunk.out_channels))
+    head = copy.deepcopy(net.head)
+    with torch.no_grad():
+        head.fc6.weight.copy_(net.head.fc6.weight[:, perm.to(net.head.fc6.weight.device)])
+    return head
+
+
+@torch.no_grad()
+def fc_features(head: FcHead, pooled: np.ndarray, layer: str, device: str | torch.device = "cpu",
+                batch: int = 4096) -> np.ndarray:
+    """Features of pooled windows at ``layer``, in eval mode (no dropout).
+
+    Args:
+        head: an fc head whose fc6 takes ``pooled``'s layout (see :func:`detection_head`).
+        pooled: ``[N, D]`` pooled conv5 vectors (any float dtype, e.g. a pool item's
+            ``features``).
+        layer: ``"pool5"`` (the pooled vector itself), ``"fc6"`` or ``"fc7"`` (after ReLU).
+        device: where to run the head; it is moved there and left in eval mode.
+        batch: rows per forward pass.
+
+    Returns:
+        float32 ``[N, D]`` for pool5, ``[N, hidden]`` for fc6 / fc7.
+    """
+    if layer not in FC_LAYERS:
+        raise ValueError(f"unknown feature layer {layer!r}; known layers: {', '.join(FC_LAYERS)}")
+    pooled = np.asarray(pooled)
+    if pooled.ndim != 2:
+        raise ValueError(f"pooled must be [N, D], got shape {pooled.shape}")
+    if layer == "pool5":
+        return pooled.astype(np.float32, copy=False)
+    if pooled.shape[1] != head.in_dim:
+        raise ValueError(f"pooled vectors have {pooled.shape[1]} columns, the head takes {head.in_dim}")
+    head = head.to(device).eval()
+    out = np.empty((pooled.shape[0], head.hidden), dtype=np.float32)
+    forward = head.fc6_features if layer == "fc6" else head.fc7_features
+    for start in range(0, pooled.shape[0], max(1, int(batch))):
+        chunk = torch.from_numpy(np.ascontiguousarray(pooled[start:start + batch], dtype=np.float32)).to(device)
+        out[start:start + chunk.shape[0]] = forward(chunk).float().cpu().numpy()
+    return out

@@ -26,6 +26,7 @@ __all__ = [
     "box_iou",
     "clip_boxes",
     "nms",
+    "paired_iou",
 ]
 
 #: Largest ``dw``/``dh`` that :func:`apply_deltas` exponentiates: a box can grow at most 1000/16
@@ -275,3 +276,21 @@ def clip_boxes(boxes: Tensor, width: float, height: float) -> Tensor:
     x = boxes[:, 0::2].clamp(min=0, max=width)
     y = boxes[:, 1::2].clamp(min=0, max=height)
     return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
+
+
+def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of ``a[i]`` with ``b[i]``, in numpy (window-to-target pairs, not all pairs).
+
+    Args:
+        a, b: float ``[N, 4]`` each, ``(x1, y1, x2, y2)`` continuous pixel-edge boxes.
+
+    Returns:
+        float64 ``[N]``; 0 where a pair's union is empty.
+    """
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = iw * ih
+    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)

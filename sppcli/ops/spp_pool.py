@@ -259,17 +259,7 @@ def _pool_windows(
     finest = max(n * n for n in looked_up)
     chunk = min(total, max(1, _CHUNK_BYTES // (finest * channels * fmap.element_size())))
 
-    x_start, y_start = cells[:, 0], cells[:, 1]
-    x_len = cells[:, 2] - x_start + 1
-    y_len = cells[:, 3] - y_start + 1
-    edges = {}
-    longest_y = longest_x = 1
-    for n in looked_up:
-        y_lo, y_hi = _bin_edges(y_start, y_len, n)
-        x_lo, x_hi = _bin_edges(x_start, x_len, n)
-        edges[n] = (y_lo, y_hi, x_lo, x_hi)
-        longest_y = max(longest_y, int((y_hi - y_lo).max()))
-        longest_x = max(longest_x, int((x_hi - x_lo).max()))
+    edges, longest_y, longest_x = _level_edges(cells, looked_up)
     depth_y, depth_x = longest_y.bit_length(), longest_x.bit_length()
     log2 = _floor_log2_table(max(longest_y, longest_x), device)
     chunks = _plan_chunks(total, chunk, out_rows)
@@ -293,19 +283,9 @@ def _pool_windows(
     if out is None:
         out = _new_large(fmap, (total, dim))
 
-    # Per level: the channel-major destination (a [rows, C, n, n] view of out) and the chunk's
-    # bins permuted to match. On the CPU both go through numpy: its strided copy is faster
-    # than torch's for these batched channel transposes, and slicing a numpy view per chunk
-    # costs a tenth of slicing a tensor.
     on_numpy = fmap.device.type == "cpu" and fmap.dtype in _NUMPY_DTYPES
     copy = np.copyto if on_numpy else Tensor.copy_
-    transposes = []
-    offset = 0
-    for n in levels:
-        span = slice(offset, offset + channels * n * n)
-        offset = span.stop
-        destination, source = out[:, span].view(out.shape[0], channels, n, n), bins[n].permute(0, 3, 1, 2)
-        transposes.append((destination.numpy(), source.numpy()) if on_numpy else (destination, source))
+    transposes = _channel_major_copies(out, bins, levels, channels, on_numpy)
 
     for chunk_index, (_, count, out_start) in enumerate(chunks):
         full = count == chunk
@@ -327,6 +307,42 @@ def _pool_windows(
         for destination, source in transposes:
             copy(destination[out_start:out_start + count], source if full else source[:count])
     return out
+
+
+def _level_edges(cells: Tensor, levels: Sequence[int]) -> tuple[dict[int, tuple[Tensor, ...]], int, int]:
+    """Bin edges ``(y_lo, y_hi, x_lo, x_hi)`` (each ``[N, n]``) of every level, and the longest
+    bin side along y and x (which sets the sparse table's depth)."""
+    x_start, y_start = cells[:, 0], cells[:, 1]
+    x_len = cells[:, 2] - x_start + 1
+    y_len = cells[:, 3] - y_start + 1
+    edges = {}
+    longest_y = longest_x = 1
+    for n in levels:
+        y_lo, y_hi = _bin_edges(y_start, y_len, n)
+        x_lo, x_hi = _bin_edges(x_start, x_len, n)
+        edges[n] = (y_lo, y_hi, x_lo, x_hi)
+        longest_y = max(longest_y, int((y_hi - y_lo).max()))
+        longest_x = max(longest_x, int((x_hi - x_lo).max()))
+    return edges, longest_y, longest_x
+
+
+def _channel_major_copies(out: Tensor, bins: dict[int, Tensor], levels: Sequence[int], channels: int,
+                          on_numpy: bool) -> list[tuple]:
+    """Per level: the channel-major destination (a ``[rows, C, n, n]`` view of ``out``) and the
+    chunk's channels-last bins permuted to match.
+
+    On the CPU both are numpy views: numpy's strided copy is faster than torch's for these
+    batched channel transposes, and slicing a numpy view per chunk costs a tenth of slicing a
+    tensor.
+    """
+    transposes = []
+    offset = 0
+    for n in levels:
+        span = slice(offset, offset + channels * n * n)
+        offset = span.stop
+        destination, source = out[:, span].view(out.shape[0], channels, n, n), bins[n].permute(0, 3, 1, 2)
+        transposes.append((destination.numpy(), source.numpy()) if on_numpy else (destination, source))
+    return transposes
 
 
 def _plan_chunks(total: int, chunk: int, out_rows: Tensor | None) -> list[tuple[int, int, int]]:

@@ -4,15 +4,15 @@ As R-CNN's ``rcnn_train_bbox_regressor`` and the SPP release's ``spp_train_bbox_
 
 * training windows: every window (proposal or ground truth) whose IoU with its max-IoU ground
   truth is at least ``min_iou``; its class is that ground truth's class and its target R-CNN's
-  ``(dx, dy, dw, dh)`` onto that ground truth's box (:func:`sppcli.window_sampling.regression_selection`).
-  :func:`sppcli.bbox_regression.fit_ridge_regressors` then keeps those with IoU ``> min_iou``
+  ``(dx, dy, dw, dh)`` onto that ground truth's box (:func:`sppcli.detector.windows.regression_selection`).
+  :func:`sppcli.detector.bbox_reg.fit_ridge_regressors` then keeps those with IoU ``> min_iou``
   strictly, as the release's per-class selection does, so a window at exactly ``min_iou`` is left out;
 * features: the pooled conv5 vector of the pool item (the paper's counterpart of R-CNN's pool5),
   scaled so that its mean L2 norm over a seeded sample of training windows is 20, as R-CNN
   scales its regression features (``rcnn_feature_stats`` + ``rcnn_scale_features``);
 * one ridge regression per class, ``lam`` = 4,000 as in the SPP release.
 
-Output: ``bbox_reg.npz`` (:func:`sppcli.bbox_regression.save_regressor`). Metrics: training
+Output: ``bbox_reg.npz`` (:func:`sppcli.detector.bbox_reg.save_regressor`). Metrics: training
 windows per class and their mean IoU with their ground truth before and after regression.
 Detection applies the regressor to the pool item's pooled rows as stored (``pool.levels`` order).
 """
@@ -28,14 +28,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from sppcli.artifacts import Manifest, StageRun
-from sppcli.bbox_regression import BBoxRegressor, fit_ridge_regressors, paired_iou, save_regressor
+from sppcli.detector.bbox_reg import BBoxRegressor, fit_ridge_regressors, save_regressor
+from sppcli.ops.boxes import paired_iou
 from sppcli.config import BBoxRegParams, Config
 from sppcli.parallel import map_images, progress, single_torch_thread
-from sppcli.pipeline import VERSIONS
-from sppcli.svm import feature_scale
-from sppcli.window_sampling import mean_feature_norm, read_pool_windows, regression_selection
+from sppcli.detector.svm import feature_scale
+from sppcli.detector.windows import mean_feature_norm, read_pool_windows, regression_selection
 
-VERSION = VERSIONS["bbox_reg"]
 Params = BBoxRegParams
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import sys
 import time
 import warnings
 from typing import Any, Mapping
@@ -34,16 +33,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sppcli.artifacts import Manifest, StageRun, atomic_path, atomic_write_json
+from sppcli.artifacts import Manifest, StageRun, atomic_path, atomic_write_json, json_number
 from sppcli.config import ClassifyParams, Config
-from sppcli.feature_net import FC_LAYERS, load_net_for_features
+from sppcli.nets.heads import FC_LAYERS
+from sppcli.nets.net_source import load_net_for_features
 from sppcli.nets.sppnet import SppNet, normalize
 from sppcli.ops.geometry import scaled_size
-from sppcli.parallel import progress
-from sppcli.pipeline import VERSIONS, resolve_device
-from sppcli.voc_eval import average_precision, format_ap_table
+from sppcli.parallel import progress, resolve_device
+from sppcli.data.voc_eval import average_precision
 
-VERSION = VERSIONS["classify"]
 log = logging.getLogger(__name__)
 
 Params = ClassifyParams
@@ -241,16 +239,13 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     with atomic_path(out.dir / "scores.npz") as tmp:
         np.savez(tmp, ids=np.array(inputs.test.ids), scores=scores.astype(np.float32), labels=test_y)
     # JSON has no NaN: a class without positive test images gets null.
-    ap_json = {name: (None if math.isnan(v) else v) for name, v in ap.items()}
-    atomic_write_json(out.dir / "ap.json", {"ap": ap_json, "mAP": None if math.isnan(mean_ap) else mean_ap,
+    ap_json = {name: json_number(v) for name, v in ap.items()}
+    atomic_write_json(out.dir / "ap.json", {"ap": ap_json, "mAP": json_number(mean_ap),
                                             "positives": n_pos, "layer": params.layer, "size": params.size,
                                             "metric": "voc2007"})
-    print(format_ap_table({f"{params.layer} s={params.size}": ap}, classes), file=sys.stderr, end="")
-    print(f"classify: mAP {100 * mean_ap:.2f} ({params.layer}, s = {params.size}, {len(valid)} classes)",
-          file=sys.stderr)
     n_images = len(inputs.train.ids) + len(inputs.test.ids)
     metrics = {
-        "mAP": None if math.isnan(mean_ap) else mean_ap,
+        "mAP": json_number(mean_ap),
         "ap": ap_json,
         "positives": n_pos,
         "svm_trained": {name: bool(t) for name, t in zip(classes, trained)},

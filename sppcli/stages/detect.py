@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import time
 from pathlib import Path
@@ -26,14 +25,14 @@ import h5py
 import numpy as np
 import torch
 
-from sppcli.artifacts import Manifest, StageRun, atomic_path, atomic_write_json
+from sppcli.artifacts import ITEMS, MANIFEST, Manifest, StageRun, atomic_path, atomic_write_json
 from sppcli.config import DetectParams
-from sppcli.parallel import map_images, progress, single_torch_thread
-from sppcli.pipeline import VERSIONS, resolve_device
+from sppcli.parallel import map_images, progress, resolve_device, single_torch_thread
 
-VERSION = VERSIONS["detect"]
 Params = DetectParams
 log = logging.getLogger(__name__)
+
+DETECTIONS = "detections.h5"
 
 
 def params_from(config) -> Params:
@@ -56,7 +55,7 @@ def inputs_for(planner, plan, upstream, options) -> Inputs:
     params = params_from(planner.config)
     combine = tuple(Path(p) for p in params.combine)
     for other in combine:
-        m = Manifest.read(other / "manifest.json") if (other / "manifest.json").exists() else None
+        m = Manifest.read(other / MANIFEST) if (other / MANIFEST).exists() else None
         if m is None or not m.complete or m.stage != "detect":
             raise ValueError(f"--combine {other}: not a complete detect artifact directory")
         if m.dataset != plan.dataset:
@@ -74,9 +73,9 @@ class WindowScorer:
     """Scores of every class for a pool item's windows: SVMs on the layer they were trained on."""
 
     def __init__(self, svm_manifest: Manifest, bbox_reg_manifest: Manifest | None, device: str):
-        from sppcli.bbox_regression import load_regressor
+        from sppcli.detector.bbox_reg import load_regressor
         from sppcli.stages.svm import for_svm
-        from sppcli.svm import load_svms
+        from sppcli.detector.svm import load_svms
 
         self.layer = for_svm(svm_manifest, device)
         models, self.scale, self.class_names = load_svms(svm_manifest.path("svms.npz"))
@@ -105,8 +104,8 @@ class WindowScorer:
 def _scorer(svm_dir: str, bbox_dir: str | None, device: str) -> WindowScorer:
     # One scorer per worker process, built on first use: loading the fc head and SVMs per image
     # would dominate the per-image time.
-    svm = Manifest.read(Path(svm_dir) / "manifest.json")
-    bbox = Manifest.read(Path(bbox_dir) / "manifest.json") if bbox_dir else None
+    svm = Manifest.read(Path(svm_dir) / MANIFEST)
+    bbox = Manifest.read(Path(bbox_dir) / MANIFEST) if bbox_dir else None
     return WindowScorer(svm, bbox, device)
 
 
@@ -114,7 +113,7 @@ def detect_image(image_id: str, *, pool_item: Path, out_item: Path, svm_dir: str
                  bbox_dir: str | None, device: str, params: Params) -> dict:
     """Pass 1 for one image: write its per-class candidates (after NMS) to ``out_item``."""
     from sppcli.ops.boxes import clip_boxes, nms
-    from sppcli.window_sampling import read_pool_windows
+    from sppcli.detector.windows import read_pool_windows
 
     t0 = time.perf_counter()
     scorer = _scorer(svm_dir, bbox_dir, device)
@@ -222,7 +221,7 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     for image_id in progress(ids, total=len(ids), desc="gather"):
         cand, seconds, windows = _read_item(out.item_path(image_id))
         if inputs.combine:
-            others = [_read_candidates(Path(o) / "items" / f"{image_id}.h5") for o in inputs.combine]
+            others = [_read_candidates(Path(o) / ITEMS / f"{image_id}.h5") for o in inputs.combine]
             cand = _combine(cand, others, params.nms_iou)
         candidates.append(cand)
         fc_seconds.append(seconds)
@@ -234,7 +233,7 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     scores = np.concatenate([c[1][k] for c, k in zip(candidates, kept)]).astype(np.float32) if ids else np.zeros(0, np.float32)
     labels = np.concatenate([c[2][k] for c, k in zip(candidates, kept)]).astype(np.int16) if ids else np.zeros(0, np.int16)
 
-    with atomic_path(out.dir / "detections.h5") as tmp:
+    with atomic_path(out.dir / DETECTIONS) as tmp:
         with h5py.File(tmp, "w") as f:
             f["image_ids"] = np.array(ids, dtype=h5py.string_dtype())
             f["class_names"] = np.array(class_names, dtype=h5py.string_dtype())
@@ -263,25 +262,52 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
 
 
 def _detect_pending(image_id: str, *, pool_dir: str, out_dir: str, **kw) -> dict:
-    return detect_image(image_id, pool_item=Path(pool_dir) / "items" / f"{image_id}.h5",
+    return detect_image(image_id, pool_item=Path(pool_dir) / ITEMS / f"{image_id}.h5",
                         out_item=Path(out_dir) / f"{image_id}.h5", **kw)
 
 
 # ---------------------------------------------------------------------------------------------
-# drawing (`sppcli show`)
+# reading the artifact back (`sppcli evaluate`, `sppcli show`)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Detections:
+    """``detections.h5`` of a detect artifact: every kept detection of the split.
+
+    Attributes:
+        image_ids: the split's images, in order; class_names: label order.
+        image_index: int32 ``[D]`` into ``image_ids``; labels: int16 ``[D]``; scores: float32
+        ``[D]``; boxes: float32 ``[D, 4]`` internal ``(x1, y1, x2, y2)``.
+    """
+
+    image_ids: list[str]
+    class_names: list[str]
+    image_index: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    boxes: np.ndarray
+
+
+def _strings(values) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def read_detections(manifest: Manifest) -> Detections:
+    with h5py.File(manifest.path(DETECTIONS), "r") as f:
+        return Detections(image_ids=_strings(f["image_ids"][()]), class_names=_strings(f["class_names"][()]),
+                          image_index=f["image_index"][()], labels=f["labels"][()], scores=f["scores"][()],
+                          boxes=f["boxes"][()])
 
 
 def draw_detections_of(manifest: Manifest, dataset, out_dir: Path, score: float, limit: int) -> list[Path]:
     """PNG per image (the ``limit`` first of the split) with its detections above ``score``."""
     from sppcli.viz import draw_detections, save_png
 
-    with h5py.File(manifest.path("detections.h5"), "r") as f:
-        ids = [s.decode() if isinstance(s, bytes) else str(s) for s in f["image_ids"][()]]
-        image_index, labels, scores, boxes = (f[k][()] for k in ("image_index", "labels", "scores", "boxes"))
+    dets = read_detections(manifest)
     written = []
-    for i, image_id in enumerate(ids[:limit]):
-        sel = image_index == i
-        img = draw_detections(dataset.load_image(image_id), boxes[sel], labels[sel], scores[sel], dataset.classes,
-                              score_threshold=score)
+    for i, image_id in enumerate(dets.image_ids[:limit]):
+        sel = dets.image_index == i
+        img = draw_detections(dataset.load_image(image_id), dets.boxes[sel], dets.labels[sel], dets.scores[sel],
+                              dataset.classes, score_threshold=score)
         written.append(save_png(img, Path(out_dir) / f"{image_id}.png"))
     return written

@@ -2,17 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 
-import h5py
 import numpy as np
 
-from sppcli.artifacts import Manifest, StageRun, atomic_write_bytes, atomic_write_json
+from sppcli.artifacts import Manifest, StageRun, atomic_write_bytes, atomic_write_json, json_number
 from sppcli.config import EvaluateParams
-from sppcli.pipeline import VERSIONS
 
-VERSION = VERSIONS["evaluate"]
 Params = EvaluateParams
 
 
@@ -30,28 +25,24 @@ def inputs_for(planner, plan, upstream, options) -> Inputs:
     return Inputs(dataset=planner.dataset(plan.split), detections=upstream["detect"])
 
 
-def read_detections(manifest: Manifest) -> tuple[list[str], dict[str, tuple[list[str], np.ndarray, np.ndarray]]]:
+def detections_by_class(manifest: Manifest) -> tuple[list[str], dict[str, tuple[list[str], np.ndarray, np.ndarray]]]:
     """(image ids, class name -> (image ids [D], scores [D], boxes [D,4])) of a detect artifact."""
-    with h5py.File(manifest.path("detections.h5"), "r") as f:
-        ids = [s.decode() if isinstance(s, bytes) else str(s) for s in f["image_ids"][()]]
-        classes = [s.decode() if isinstance(s, bytes) else str(s) for s in f["class_names"][()]]
-        image_index = f["image_index"][()]
-        labels = f["labels"][()]
-        scores = f["scores"][()]
-        boxes = f["boxes"][()]
+    from sppcli.stages.detect import read_detections
+
+    dets = read_detections(manifest)
     by_class = {}
-    for k, name in enumerate(classes):
-        sel = labels == k
-        by_class[name] = ([ids[i] for i in image_index[sel]], scores[sel], boxes[sel])
-    return ids, by_class
+    for k, name in enumerate(dets.class_names):
+        sel = dets.labels == k
+        by_class[name] = ([dets.image_ids[i] for i in dets.image_index[sel]], dets.scores[sel], dets.boxes[sel])
+    return dets.image_ids, by_class
 
 
 def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     from sppcli.viz import plot_pr_curves
-    from sppcli.voc_eval import evaluate, format_ap_table
+    from sppcli.data.voc_eval import evaluate, format_ap_table
 
     ds = inputs.dataset
-    ids, dets = read_detections(inputs.detections)
+    ids, dets = detections_by_class(inputs.detections)
     if set(ids) != set(ds.ids):
         raise ValueError(f"detections cover {len(ids)} images but {ds.name} has {len(ds)}; run detect again")
     gt = {}
@@ -59,7 +50,7 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
         g = ds.ground_truth(image_id)
         gt[image_id] = (g.boxes, g.labels, g.difficult)
     result = evaluate(gt, dets, ds.classes, metric=params.metric, iou_threshold=params.iou)
-    ap_doc = {"metric": params.metric, "mAP": _finite(result.mAP), "ap": {k: _finite(v) for k, v in result.ap.items()},
+    ap_doc = {"metric": params.metric, "mAP": json_number(result.mAP), "ap": {k: json_number(v) for k, v in result.ap.items()},
               "n_positives": {k: r.n_positives for k, r in result.per_class.items()},
               "n_detections": {k: int(len(r.order)) for k, r in result.per_class.items()}}
     atomic_write_json(out.dir / "ap.json", ap_doc)
@@ -71,10 +62,6 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     atomic_write_bytes(out.dir / "table.txt", (table + "\n").encode())
     return out.finish(metrics={"mAP": ap_doc["mAP"], "ap": ap_doc["ap"], "metric": params.metric,
                                "table": table})
-
-
-def _finite(v: float):
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
 def format_result(manifest: Manifest) -> str:

@@ -35,19 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from sppcli.artifacts import Manifest, StageRun
-from sppcli.config import Config, FeatureParams, NetParams
-from sppcli.feature_net import NetSource, load_source, net_record, resolve_net_source
+from sppcli.artifacts import Manifest, StageRun, item_means
+from sppcli.config import STORAGE_DTYPES, Config, FeatureParams, NetParams
+from sppcli.nets.net_source import NetSource, load_source, net_record, resolve_net_source
 from sppcli.nets.sppnet import normalize
 from sppcli.ops.geometry import scaled_size
-from sppcli.parallel import progress
-from sppcli.pipeline import VERSIONS, resolve_device
+from sppcli.parallel import progress, resolve_device
 
-VERSION = VERSIONS["features"]
 log = logging.getLogger(__name__)
 
-DTYPES = {"float16": np.float16, "float32": np.float32}
-TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -225,28 +221,13 @@ def read_feature_item(path: Path, load_maps: bool = True) -> FeatureItem:
                            maps=maps)
 
 
-def _item_timings(items_dir: Path, ids: Sequence[str]) -> tuple[float | None, float | None, float | None]:
-    conv, decode, sizes = [], [], []
-    for image_id in ids:
-        path = items_dir / f"{image_id}.h5"
-        with h5py.File(path, "r") as f:
-            conv.append(float(f.attrs["conv_seconds"]))
-            decode.append(float(f.attrs["decode_seconds"]))
-        sizes.append(path.stat().st_size)
-
-    def mean(values):
-        return float(np.mean(values)) if values else None
-
-    return mean(conv), mean(decode), mean(sizes)
-
-
 # ---------------------------------------------------------------------------------------------
 # the stage
 
 
 def _check_params(features: FeatureParams) -> None:
-    if features.dtype not in DTYPES:
-        raise ValueError(f"features.dtype = {features.dtype!r}; use one of {', '.join(DTYPES)}")
+    if features.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"features.dtype = {features.dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
     if features.autocast not in AUTOCAST:
         raise ValueError(f"features.autocast = {features.autocast!r}; use one of {', '.join(AUTOCAST)}")
     if not features.scales or min(features.scales) < 1:
@@ -286,7 +267,7 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
             fmap, seconds = conv5_map(trunk, image, device, fp.autocast)
             conv_seconds += seconds
             # Cast on the device: half the bytes to copy back for float16 storage.
-            stored = fmap.to(TORCH_DTYPES[fp.dtype]).cpu().numpy()
+            stored = fmap.to(getattr(torch, fp.dtype)).cpu().numpy()
             if not np.isfinite(stored).all():
                 raise ValueError(f"image {sample['id']} scale {scale}: conv5 values overflow {fp.dtype}; "
                                  "set features.dtype=float32")
@@ -296,17 +277,17 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
                    conv_seconds, sample["decode_seconds"])
     wall = time.perf_counter() - started
 
-    conv_mean, decode_mean, bytes_mean = _item_timings(out.items_dir, ids)
+    means = item_means(out.items_dir, ids, ["conv_seconds", "decode_seconds"])
     metrics = {
         "net": record,
         "scales": scales,
         "max_side": int(fp.max_side),
         "dtype": fp.dtype,
         "autocast": fp.autocast,
-        "conv_seconds_per_image": conv_mean,
-        "decode_seconds_per_image": decode_mean,
+        "conv_seconds_per_image": means["conv_seconds"],
+        "decode_seconds_per_image": means["decode_seconds"],
         "peak_memory_bytes": peak_memory_bytes(device),
-        "bytes_per_image": bytes_mean,
+        "bytes_per_image": means["bytes"],
         "images_this_run": len(pending),
     }
     if pending:

@@ -6,7 +6,7 @@ features artifact; fc8 is new, ``K + 1`` outputs (class 0 = background) initiali
 N(0, ``fc8_std``^2) with zero bias. Windows with max IoU in ``[fg_iou, 1]`` are positives
 labelled with the class of their max IoU (ground-truth windows included); windows with max IoU
 in ``[bg_iou_low, fg_iou)`` are background. Each mini-batch holds ``fg_fraction`` positives
-(:class:`sppcli.window_sampling.FinetuneSampler`). SGD with momentum and weight decay, dropout
+(:class:`sppcli.detector.windows.FinetuneSampler`). SGD with momentum and weight decay, dropout
 after fc6 and fc7, ``lr`` for ``lr_step`` mini-batches and ``lr / 10`` after, ``iterations``
 mini-batches in all. Biases learn at twice the rate and without weight decay, as in the
 authors' Caffe definitions (``blobs_lr: 1, 2``; ``weight_decay: 1, 0``).
@@ -25,8 +25,8 @@ same device and library versions) the weights of an uninterrupted run.
 
 Output: ``fc.pt``, an sppcli net checkpoint (:func:`sppcli.nets.checkpoint.save_checkpoint`) of
 the whole net (trunk unchanged, fine-tuned fc6/fc7, the new fc8 with ``K + 1`` outputs), fc6 in
-the net's own pyramid order, so :func:`sppcli.feature_net.load_net` and
-:func:`~sppcli.feature_net.detection_head` serve it like any other net. ``metrics["net"]``
+the net's own pyramid order, so :func:`sppcli.nets.net_source.load_net` and
+:func:`~sppcli.nets.heads.detection_head` serve it like any other net. ``metrics["net"]``
 describes it in the features manifest's format.
 """
 from __future__ import annotations
@@ -46,12 +46,12 @@ import torch.nn.functional as F
 
 from sppcli.artifacts import Manifest, StageRun, atomic_path
 from sppcli.config import Config, FinetuneParams
-from sppcli.feature_net import detection_head, load_net_for_features, pooled_permutation
+from sppcli.nets.heads import detection_head, pooled_permutation
+from sppcli.nets.net_source import load_net_for_features
 from sppcli.nets.checkpoint import arch_of, save_checkpoint
 from sppcli.nets.heads import FcHead
-from sppcli.parallel import map_images, progress, single_torch_thread
-from sppcli.pipeline import VERSIONS, resolve_device
-from sppcli.window_sampling import (
+from sppcli.parallel import map_images, progress, resolve_device, single_torch_thread
+from sppcli.detector.windows import (
     FinetuneSampler,
     PooledFeatureReader,
     WindowSet,
@@ -59,7 +59,6 @@ from sppcli.window_sampling import (
     read_pool_windows,
 )
 
-VERSION = VERSIONS["finetune"]
 Params = FinetuneParams
 log = logging.getLogger(__name__)
 
@@ -109,9 +108,7 @@ def inputs_for(planner, plan, upstream: Mapping[str, Manifest], options) -> Inpu
     pool = upstream["pool"]
     return Inputs(pool=pool, features=upstream["features"], image_ids=tuple(dataset.ids),
                   classes=tuple(pool.metrics.get("classes") or dataset.classes),
-                  device=resolve_device(options.device),
-                  # A run option, not a param: the cache size never changes the result.
-                  max_cache_bytes=int(getattr(options, "max_cache_bytes", DEFAULT_MAX_CACHE_BYTES)),
+                  device=resolve_device(options.device), max_cache_bytes=DEFAULT_MAX_CACHE_BYTES,
                   workers=options.workers, scheduler=options.scheduler)
 
 
@@ -358,6 +355,34 @@ def finetuned_net(net, head: FcHead, pool_levels: Sequence[int]):
     return net
 
 
+def train_on_pool_items(head: FcHead, paths: Sequence[str], positives: WindowSet, negatives: WindowSet,
+                        sampler: FinetuneSampler, params: FinetuneParams, device: torch.device, out: StageRun,
+                        max_cache_bytes: int) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """:func:`train` with the selected windows' features read from the pool items.
+
+    Returns (stats, the iteration this run started from, ``{"in_memory", "cache_seconds",
+    "train_seconds"}``).
+    """
+    t_read = time.perf_counter()
+    selected = WindowSet(np.concatenate([positives.image, negatives.image]),
+                         np.concatenate([positives.row, negatives.row]),
+                         np.concatenate([positives.label, negatives.label]))
+    with PooledFeatureReader(paths, selected, max_cache_bytes,
+                             progress=lambda it, total: progress(it, total=total, desc="finetune: cache")) as reader:
+        if reader.in_memory:
+            log.info("finetune: %d windows' features in memory (%.1f MB)", len(selected),
+                     len(selected) * reader.row_bytes / 1e6)
+        else:
+            log.info("finetune: %.1f GB of selected features exceed max_cache_bytes; streaming them from "
+                     "the pool items", len(selected) * reader.row_bytes / 1e9)
+        cache_seconds = time.perf_counter() - t_read
+        t_train = time.perf_counter()
+        stats, resumed_from = train(head, reader, sampler, params, device, out.dir / RESUME, out.key,
+                                    max_cache_bytes)
+        return stats, resumed_from, {"in_memory": reader.in_memory, "cache_seconds": cache_seconds,
+                                     "train_seconds": time.perf_counter() - t_train}
+
+
 @single_torch_thread()  # small matrix work: a second OpenMP thread only waits on a busy core
 def run(params: FinetuneParams, inputs: Inputs, out: StageRun) -> Manifest:
     check_params(params)
@@ -382,25 +407,8 @@ def run(params: FinetuneParams, inputs: Inputs, out: StageRun) -> Manifest:
         torch.manual_seed(params.seed)
         head.new_fc8(len(classes) + 1, std=params.fc8_std)
     head.to(device)
-
-    t_read = time.perf_counter()
-    selected = WindowSet(np.concatenate([positives.image, negatives.image]),
-                         np.concatenate([positives.row, negatives.row]),
-                         np.concatenate([positives.label, negatives.label]))
-    with PooledFeatureReader(paths, selected, inputs.max_cache_bytes,
-                             progress=lambda it, total: progress(it, total=total, desc="finetune: cache")) as reader:
-        if reader.in_memory:
-            log.info("finetune: %d windows' features in memory (%.1f MB)", len(selected),
-                     len(selected) * reader.row_bytes / 1e6)
-        else:
-            log.info("finetune: %.1f GB of selected features exceed max_cache_bytes; streaming them from "
-                     "the pool items", len(selected) * reader.row_bytes / 1e9)
-        cache_seconds = time.perf_counter() - t_read
-        t_train = time.perf_counter()
-        stats, resumed_from = train(head, reader, sampler, params, device, out.dir / RESUME, out.key,
-                                    inputs.max_cache_bytes)
-        train_seconds = time.perf_counter() - t_train
-        in_memory = reader.in_memory
+    stats, resumed_from, reading = train_on_pool_items(head, paths, positives, negatives, sampler, params, device,
+                                                       out, inputs.max_cache_bytes)
 
     net = finetuned_net(net, head.cpu(), pool_levels)
     arch = arch_of(net)
@@ -421,19 +429,19 @@ def run(params: FinetuneParams, inputs: Inputs, out: StageRun) -> Manifest:
         "negative_windows": len(negatives),
         "positives_per_batch": sampler.n_fg,
         "negatives_per_batch": sampler.n_bg,
-        "features_in_memory": in_memory,
+        "features_in_memory": reading["in_memory"],
         "classes": classes,
         "labels": [BACKGROUND] + classes,
         "checkpoint": OUTPUT,
         "net": record,
         "seconds": round(time.perf_counter() - started, 3),
-        "seconds_per_iteration": train_seconds / trained_now if trained_now else None,
+        "seconds_per_iteration": reading["train_seconds"] / trained_now if trained_now else None,
     }
     log.info("finetune: loss %.4f -> %.4f; train accuracy fg %s bg %s", summary["initial_loss"],
              summary["final_loss"], _pct(summary["train_accuracy_fg"]), _pct(summary["train_accuracy_bg"]))
     return out.finish(metrics=metrics, timings={"select_seconds": round(select_seconds, 3),
-                                                "cache_seconds": round(cache_seconds, 3),
-                                                "train_seconds": round(train_seconds, 3)},
+                                                "cache_seconds": round(reading["cache_seconds"], 3),
+                                                "train_seconds": round(reading["train_seconds"], 3)},
                       device=str(device))
 
 

@@ -42,19 +42,17 @@ import numpy as np
 import torch
 
 from sppcli.artifacts import Manifest, StageRun, atomic_path
-from sppcli.config import Config, PoolParams
+from sppcli.config import STORAGE_DTYPES, Config, PoolParams
 from sppcli.ops.boxes import box_iou
 from sppcli.ops.geometry import FieldGeometry, best_scale_index, window_to_cells
 from sppcli.ops.spp_pool import pooled_dim, spp_pool
 from sppcli.parallel import map_images, single_torch_thread
-from sppcli.pipeline import VERSIONS
 from sppcli.stages.features import FeatureItem, read_feature_item
+from sppcli.stages.proposals import read_proposal_item
 
-VERSION = VERSIONS["pool"]
 log = logging.getLogger(__name__)
 
 Params = PoolParams
-DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 def params_from(config: Config) -> PoolParams:
@@ -169,13 +167,6 @@ class PoolJob:
     gt_difficult: np.ndarray  # bool [G]
 
 
-def read_proposals(path: Path) -> tuple[np.ndarray, int, int]:
-    """``(boxes float32 [N, 4], width, height)`` of a proposals item."""
-    with h5py.File(path, "r") as f:
-        return (np.asarray(f["boxes"][()], dtype=np.float32).reshape(-1, 4), int(f.attrs["width"]),
-                int(f.attrs["height"]))
-
-
 def pool_image(job: PoolJob, *, levels: Sequence[int], dtype: str, geometry: FieldGeometry, num_classes: int) -> dict:
     """Pool one image's windows and write its item atomically. Returns a small summary."""
     with single_torch_thread():
@@ -184,7 +175,8 @@ def pool_image(job: PoolJob, *, levels: Sequence[int], dtype: str, geometry: Fie
 
 def _pool_image(job: PoolJob, *, levels: Sequence[int], dtype: str, geometry: FieldGeometry, num_classes: int) -> dict:
     started = time.perf_counter()
-    proposals, width, height = read_proposals(Path(job.proposals_path))
+    proposals, attrs = read_proposal_item(Path(job.proposals_path))
+    width, height = int(attrs["width"]), int(attrs["height"])
     item = read_feature_item(Path(job.features_path))
     if (item.width, item.height) != (width, height):
         raise ValueError(f"image {job.image_id}: proposals were made on a {width} x {height} image but "
@@ -193,7 +185,7 @@ def _pool_image(job: PoolJob, *, levels: Sequence[int], dtype: str, geometry: Fi
     gt_labels = np.asarray(job.gt_labels, dtype=np.int16).reshape(-1)
     boxes = np.concatenate([gt_boxes, proposals], axis=0)
     num_gt = gt_boxes.shape[0]
-    scale_index, cells, features = pool_windows(boxes, item, geometry, levels, DTYPES[dtype])
+    scale_index, cells, features = pool_windows(boxes, item, geometry, levels, np.dtype(dtype))
     overlaps, assigned = window_overlaps(boxes, gt_boxes, gt_labels, num_classes)
     is_gt = np.zeros(boxes.shape[0], dtype=bool)
     is_gt[:num_gt] = True
@@ -224,8 +216,8 @@ def _pool_image(job: PoolJob, *, levels: Sequence[int], dtype: str, geometry: Fi
 
 
 def _check_params(params: PoolParams) -> None:
-    if params.dtype not in DTYPES:
-        raise ValueError(f"pool.dtype = {params.dtype!r}; use one of {', '.join(DTYPES)}")
+    if params.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"pool.dtype = {params.dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
     if not params.levels or any(int(n) < 1 for n in params.levels) or len(set(params.levels)) != len(params.levels):
         raise ValueError(f"pool.levels must be distinct positive integers, got {params.levels!r}")
 

@@ -2,7 +2,7 @@
 
 Trunk + SPP layer + fc6/fc7 (dropout) + a K-way fc8 with softmax, trained from scratch on object
 crops of the dataset's train split (or on an image folder, one sub-folder per class); see
-:mod:`sppcli.crops` for the samples and the views.
+:mod:`sppcli.data.crops` for the samples and the views.
 
 * Single-size (``sizes = [224]``) or multi-size (``sizes = [224, 180]``) training: epoch ``e``
   trains at ``sizes[e % len(sizes)]``, one full epoch per size, all weights shared; the smaller
@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import math
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,15 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from sppcli import crops
+from sppcli.data import crops
 from sppcli.artifacts import Manifest, StageRun, atomic_path, atomic_write_json
 from sppcli.config import Config, NetParams, PretrainParams
 from sppcli.nets import build_net, normalize, save_checkpoint
 from sppcli.nets.sppnet import SppNet
-from sppcli.parallel import progress
-from sppcli.pipeline import VERSIONS, resolve_device
+from sppcli.parallel import progress, resolve_device
 
-VERSION = VERSIONS["pretrain"]
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "model.pt"
@@ -330,6 +327,66 @@ def training_samples(params: Params, inputs: Inputs) -> tuple[list[crops.Sample]
     raise ValueError(f"pretrain.source = {p.source!r}; use 'crops' or 'folder'")
 
 
+@dataclasses.dataclass
+class Training:
+    """What training carries from epoch to epoch (and through ``train_state.pt`` across runs)."""
+
+    net: SppNet
+    optimizer: torch.optim.Optimizer
+    schedule: PlateauSchedule
+    history: list[dict]
+    next_epoch: int
+
+
+def start_or_resume(arch: dict, p: PretrainParams, state_path: Path, device: str) -> Training:
+    """A fresh net seeded with ``p.seed``, or the state a previous run left after its last epoch."""
+    torch.manual_seed(p.seed)
+    net = build_net(arch).to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    training = Training(net, optimizer, PlateauSchedule(p.lr, p.lr_patience, p.min_lr), [], 0)
+    if state_path.exists():
+        state = load_train_state(state_path)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        training.schedule.load_state_dict(state["schedule"])
+        set_rng_state(state["rng"], device)
+        training.history = list(state["history"])
+        training.next_epoch = int(state["epoch"])
+        log.info("pretrain: resuming after epoch %d of %d", training.next_epoch, p.epochs)
+    return training
+
+
+def train_epochs(training: Training, data: crops.TrainCrops, monitored: Sequence[crops.Sample], sizes: Sequence[int],
+                 p: PretrainParams, state_path: Path, device: str, workers: int) -> None:
+    """Epochs until ``p.epochs`` or the schedule's end; the state is saved after each one.
+
+    Epoch ``e`` trains at ``sizes[e % len(sizes)]``; the held-out error that drives the
+    schedule is measured on ``monitored`` with a centre crop at ``sizes[0]``.
+    """
+    batch_size = max(1, p.batch_size)
+    net, optimizer, schedule = training.net, training.optimizer, training.schedule
+    for epoch in range(training.next_epoch, p.epochs):
+        if schedule.finished:
+            break
+        size = sizes[epoch % len(sizes)]
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr
+        t0 = time.perf_counter()
+        stats = train_one_epoch(net, optimizer, data, epoch, size, batch_size, p.seed, device, workers)
+        held_error = top1_error(predict(net, monitored, sizes[0], "crop", device, workers, batch_size),
+                                [s.label for s in monitored])
+        record = {"epoch": epoch + 1, "size": size, "lr": schedule.lr, "loss": stats["loss"],
+                  "train_error": stats["train_error"], "heldout_error": held_error,
+                  "seconds": round(time.perf_counter() - t0, 3)}
+        training.history.append(record)
+        schedule.step(held_error)
+        log.info("pretrain epoch %d/%d size %d: loss %.4f, train err %.1f%%, held-out err %.1f%%, lr %g, %.1fs",
+                 epoch + 1, p.epochs, size, stats["loss"], 100 * stats["train_error"], 100 * held_error,
+                 record["lr"], record["seconds"])
+        training.next_epoch = epoch + 1
+        save_train_state(state_path, net, optimizer, schedule, epoch + 1, training.history, device)
+
+
 def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     p = params.pretrain
     sizes = [int(s) for s in p.sizes]
@@ -344,53 +401,21 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     arch = arch_for(params.net, num_classes)
     log.info("pretrain: %d classes, %d training / %d held-out samples, sizes %s, device %s",
              num_classes, len(train), len(held), sizes, device)
+    if not held:
+        log.warning("pretrain: holdout_fraction gave no held-out samples; the schedule watches the training "
+                    "error and the evaluation table is empty")
 
-    torch.manual_seed(p.seed)
-    net = build_net(arch).to(device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
-    schedule = PlateauSchedule(p.lr, p.lr_patience, p.min_lr)
-    history: list[dict] = []
-    start_epoch = 0
     state_path = out.dir / TRAIN_STATE
-    if state_path.exists():
-        state = load_train_state(state_path)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        set_rng_state(state["rng"], device)
-        history = list(state["history"])
-        start_epoch = int(state["epoch"])
-        log.info("pretrain: resuming after epoch %d of %d", start_epoch, p.epochs)
-
+    training = start_or_resume(arch, p, state_path, device)
     data = crops.TrainCrops(train, base=max(sizes), seed=p.seed, jitter=p.jitter)
-    batch_size = max(1, p.batch_size)
-    for epoch in range(start_epoch, p.epochs):
-        if schedule.finished:
-            break
-        size = sizes[epoch % len(sizes)]
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.lr
-        t0 = time.perf_counter()
-        stats = train_one_epoch(net, optimizer, data, epoch, size, batch_size, p.seed, device, inputs.workers)
-        monitored = held if held else train
-        held_error = top1_error(predict(net, monitored, sizes[0], "crop", device, inputs.workers, batch_size),
-                                [s.label for s in monitored])
-        record = {"epoch": epoch + 1, "size": size, "lr": schedule.lr, "loss": stats["loss"],
-                  "train_error": stats["train_error"], "heldout_error": held_error,
-                  "seconds": round(time.perf_counter() - t0, 3)}
-        history.append(record)
-        schedule.step(held_error)
-        print(f"pretrain epoch {epoch + 1}/{p.epochs} size {size}: loss {stats['loss']:.4f}, "
-              f"train err {100 * stats['train_error']:.1f}%, held-out err {100 * held_error:.1f}%, "
-              f"lr {record['lr']:g}, {record['seconds']:.1f}s", file=sys.stderr)
-        save_train_state(state_path, net, optimizer, schedule, epoch + 1, history, device)
+    train_epochs(training, data, held if held else train, sizes, p, state_path, device, inputs.workers)
 
     t0 = time.perf_counter()
-    table = evaluate_views(net, held, sizes[0], device, inputs.workers, batch_size)
+    table = evaluate_views(training.net, held, sizes[0], device, inputs.workers, max(1, p.batch_size))
     eval_seconds = time.perf_counter() - t0
-    net_cpu = net.to("cpu").eval()
-    save_checkpoint(out.dir / CHECKPOINT, net_cpu, arch,
+    save_checkpoint(out.dir / CHECKPOINT, training.net.to("cpu").eval(), arch,
                     {"classes": list(classes), "sizes": sizes, "eval_table": table, "source": p.source})
+    history = training.history
     train_seconds = float(sum(h["seconds"] for h in history))
     metrics = {
         "checkpoint": CHECKPOINT,
@@ -401,17 +426,13 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
         "n_heldout": len(held),
         "train_class_counts": crops.class_counts(train, num_classes),
         "epochs_run": len(history),
-        "stopped": "min_lr" if schedule.finished else "epochs",
-        "final_lr": schedule.lr,
+        "stopped": "min_lr" if training.schedule.finished else "epochs",
+        "final_lr": training.schedule.lr,
         "history": history,
         "train_seconds": round(train_seconds, 3),
         "eval_table": table,
     }
-    if not held:
-        log.warning("pretrain: holdout_fraction gave no held-out samples; the schedule watched the training "
-                    "error and the evaluation table is empty")
     atomic_write_json(out.dir / EVAL_JSON, {"eval_table": table, "history": history})
-    print(format_eval_table(metrics), file=sys.stderr)
     return out.finish(metrics=metrics, timings={"train_seconds": round(train_seconds, 3),
                                                 "eval_seconds": round(eval_seconds, 3)},
                       n_items=len(samples), device=device)

@@ -2,7 +2,7 @@
 
 The paper uses selective search's "fast" mode, about 2,000 windows per image. Here the windows
 come from OpenCV's ximgproc implementation (``opencv-contrib-python-headless``), or, when
-``proposals.imported`` names a file, from boxes the user already has (:mod:`sppcli.proposal_import`).
+``proposals.imported`` names a file, from boxes the user already has (:mod:`sppcli.data.proposal_files`).
 
 Output: one HDF5 item per image, ``items/<id>.h5``, holding ``boxes`` float32 ``[N, 4]`` in the
 internal convention (0-based continuous pixel edges ``(x1, y1, x2, y2)`` of the original image,
@@ -18,7 +18,6 @@ import ctypes.util
 import dataclasses
 import functools
 import logging
-import math
 import sys
 import threading
 import time
@@ -29,14 +28,12 @@ import cv2
 import h5py
 import numpy as np
 
-from sppcli.artifacts import Manifest, StageRun, atomic_path
+from sppcli.artifacts import Manifest, StageRun, atomic_path, json_number
 from sppcli.config import Config, ProposalParams
 from sppcli.parallel import map_images, progress
-from sppcli.pipeline import VERSIONS
-from sppcli.proposal_metrics import (RECALL_THRESHOLDS, best_overlaps, mabo, mean_best_overlap, per_class_recall,
+from sppcli.data.proposal_recall import (RECALL_THRESHOLDS, best_overlaps, mabo, mean_best_overlap, per_class_recall,
                                      recall_at)
 
-VERSION = VERSIONS["proposals"]
 Params = ProposalParams
 MODES = ("fast", "quality", "single")
 
@@ -212,6 +209,66 @@ def _propose_image(task: tuple[str, str, str], mode: str, max_boxes: int, min_si
 
 
 # ---------------------------------------------------------------------------------------------
+# boxes the user already has (``proposals.imported``)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the stored pixel grid, as load_rgb decodes it, from the header only."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+def import_proposals(source: Path, dataset, out: StageRun, fmt: str = "auto",
+                     one_based_inclusive: bool | None = None, order: str | None = None,
+                     min_size: float = 0, max_boxes: int | None = None) -> dict:
+    """Write ``out``'s proposals items from the boxes in ``source``
+    (:func:`sppcli.data.proposal_files.open_proposal_file` reads it).
+
+    Each image's boxes go through the same cleaning as computed proposals (:func:`clean_boxes`:
+    clip to the image, drop boxes without area or with a side below ``min_size``, drop exact
+    duplicates, keep the first ``max_boxes``, order kept) and are written as the same items, so
+    the pool stage cannot tell imported from computed proposals.
+
+    Args:
+        source: ``.npz``, ``.h5`` or R-CNN-style ``.mat`` file.
+        dataset: the :class:`~sppcli.data.voc.VocDataset` split; every id must be in the file.
+        out: the open proposals run; finished items are skipped (an interrupted import resumes).
+        fmt, one_based_inclusive, order: the file's format and convention (None = defaults).
+        min_size, max_boxes: the cleaning (``max_boxes=None``: all).
+    Returns:
+        A summary: ``format``, ``order``, ``one_based_inclusive``, ``extra_ids`` (ids in the
+        file but not in the split, ignored), ``boxes_read`` and ``boxes_dropped`` (by clipping,
+        size, duplicates and ``max_boxes``) over the images imported in this call.
+    Raises:
+        ProposalImportError: unreadable file, bad arrays, or split ids missing from the file.
+    """
+    from sppcli.data.proposal_files import open_proposal_file
+
+    with open_proposal_file(source, dataset.ids, dataset.name, fmt, one_based_inclusive, order) as file:
+        extra = len(set(file.ids) - set(dataset.ids))
+        if extra:
+            log.info("%s: ignoring %d id(s) that are not in %s", source, extra, dataset.name)
+        read_total = dropped = 0
+        for image_id in progress(out.pending(dataset.ids), desc=f"import proposals {dataset.name}"):
+            started = time.perf_counter()
+            boxes = file.boxes(image_id)
+            width, height = image_size(dataset.image_path(image_id))
+            kept = clean_boxes(boxes, width, height, min_size,
+                               len(boxes) if max_boxes is None else max_boxes, round_to_pixels=False)
+            read_total += len(boxes)
+            dropped += len(boxes) - len(kept)
+            write_proposal_item(out.item_path(image_id), kept, width, height,
+                                time.perf_counter() - started, f"imported:{file.fmt}")
+    if dropped:
+        log.info("%s: dropped %d of %d boxes (outside the image, smaller than %s px, duplicates "
+                 "or beyond max_boxes)", source, dropped, read_total, min_size)
+    return {"format": file.fmt, "order": file.order, "one_based_inclusive": file.one_based_inclusive,
+            "extra_ids": extra, "boxes_read": read_total, "boxes_dropped": dropped}
+
+
+# ---------------------------------------------------------------------------------------------
 # the stage
 
 
@@ -219,7 +276,7 @@ def run(params: ProposalParams, inputs: Inputs, out: StageRun) -> Manifest:
     check_params(params)
     dataset = inputs.dataset
     if params.imported:
-        from sppcli.proposal_import import import_proposals, parse_convention
+        from sppcli.data.proposal_files import parse_convention
 
         fmt, one_based, order = parse_convention(params.imported, params.imported_convention)
         summary = import_proposals(Path(params.imported), dataset, out, fmt=fmt,
@@ -245,11 +302,6 @@ def run(params: ProposalParams, inputs: Inputs, out: StageRun) -> Manifest:
     if metrics["seconds_per_image"] is not None:
         timings["seconds_per_image"] = metrics["seconds_per_image"]
     return out.finish(metrics=metrics, timings=timings, n_items=len(dataset))
-
-
-def _json_number(value: float, digits: int = 4) -> float | None:
-    """NaN (no ground truth) becomes null so the manifest stays standard JSON."""
-    return None if value is None or math.isnan(value) else round(float(value), digits)
 
 
 def proposal_metrics(dataset, items_dir: Path) -> dict:
@@ -279,19 +331,19 @@ def proposal_metrics(dataset, items_dir: Path) -> dict:
     per_class = per_class_recall(best_all, labels_all, dataset.classes, RECALL_THRESHOLDS[0])
     metrics = {
         "n_images": len(counts),
-        "mean_boxes": _json_number(np.mean(counts) if counts else float("nan"), 2),
+        "mean_boxes": json_number(np.mean(counts), 2) if counts else None,
         "min_boxes": int(min(counts)) if counts else 0,
         "max_boxes": int(max(counts)) if counts else 0,
         "empty_images": len(empty),
         "empty_image_ids": empty[:5],
         "n_gt": int(best_all.size),
         "ground_truth": "non-difficult objects of the split's classes",
-        "mabo": _json_number(mabo(best_all, labels_all)),
-        "mean_best_overlap": _json_number(mean_best_overlap(best_all)),
-        "seconds_per_image": _json_number(np.mean(seconds), 4) if seconds else None,
-        "per_class": {name: {"n_gt": v["n_gt"], "recall": _json_number(v["recall"]),
-                             "abo": _json_number(v["abo"])} for name, v in per_class.items()},
+        "mabo": json_number(mabo(best_all, labels_all), 4),
+        "mean_best_overlap": json_number(mean_best_overlap(best_all), 4),
+        "seconds_per_image": json_number(np.mean(seconds), 4) if seconds else None,
+        "per_class": {name: {"n_gt": v["n_gt"], "recall": json_number(v["recall"], 4),
+                             "abo": json_number(v["abo"], 4)} for name, v in per_class.items()},
     }
     for threshold in RECALL_THRESHOLDS:
-        metrics[f"recall@{threshold}"] = _json_number(recall_at(best_all, threshold))
+        metrics[f"recall@{threshold}"] = json_number(recall_at(best_all, threshold), 4)
     return metrics

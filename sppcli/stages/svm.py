@@ -7,25 +7,25 @@ Following the authors' release (itself R-CNN's ``rcnn_train.m``):
   artifact's net, or of the fine-tuned net when ``finetuned`` (:mod:`sppcli.stages.finetune`);
 * features are multiplied by ``target_norm / mean_norm`` with the mean L2 norm estimated on a
   fixed random sample of training windows (200 images x 200 windows, R-CNN's
-  ``rcnn_feature_stats``; seed :data:`sppcli.window_sampling.NORM_SEED`);
+  ``rcnn_feature_stats``; seed :data:`sppcli.detector.windows.NORM_SEED`);
 * positives of class c: its ground-truth windows, difficult ones included (both releases keep
   difficult objects in training: R-CNN's ``roidb_from_voc`` reads every object, and the SPP
   release's experiment scripts call theirs with ``with_hard_samples = false``, which keeps them);
 * negatives of class c: windows (proposals and other classes' ground truths) whose IoU with
   every ground truth of c is ``< neg_iou``, of which a window overlapping an earlier kept one by
-  more than ``neg_dedup_iou`` is dropped (:func:`sppcli.svm.dedup_negatives`, per image);
-* hard-negative mining is :func:`sppcli.svm.train_class_svm` (one pass over the images).
+  more than ``neg_dedup_iou`` is dropped (:func:`sppcli.detector.svm.dedup_negatives`, per image);
+* hard-negative mining is :func:`sppcli.detector.svm.train_class_svm` (one pass over the images).
 
 Every class is trained in the same pass over the images: each image's pool item is read and its
 layer features are computed once, then handed to every class. Each class's
-:func:`~sppcli.svm.train_class_svm` consumes its own stream in a thread of its own, used as a
+:func:`~sppcli.detector.svm.train_class_svm` consumes its own stream in a thread of its own, used as a
 coroutine (one thread works at a time; see :func:`train_all_classes`), so each model is exactly
 the one a separate pass per class would give.
 
 A class without positives is skipped with a warning (``metrics["skipped_classes"]``); it gets no
 model and detection gives it no detections.
 
-Output: ``svms.npz`` (:func:`sppcli.svm.save_svms`: weights, biases, feature scale, class
+Output: ``svms.npz`` (:func:`sppcli.detector.svm.save_svms`: weights, biases, feature scale, class
 names, training params and per-retrain history). ``metrics["head"]`` records the layer and the
 net whose head computes it (``path`` and ``arch`` as in a features manifest's ``metrics["net"]``,
 plus ``pool_levels``); :func:`for_svm` rebuilds the same feature function from it for detection.
@@ -44,29 +44,27 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from sppcli.artifacts import Manifest, StageRun
-from sppcli.config import Config, SvmParams as StageSvmParams
-from sppcli.feature_net import FC_LAYERS, detection_head, fc_features, load_net
-from sppcli.parallel import progress, single_torch_thread
-from sppcli.pipeline import VERSIONS, resolve_device
-from sppcli.svm import (
+from sppcli.config import Config, SvmParams
+from sppcli.nets.heads import FC_LAYERS, detection_head, fc_features
+from sppcli.nets.net_source import load_net
+from sppcli.parallel import progress, resolve_device, single_torch_thread
+from sppcli.detector.svm import (
     NoNegativesError,
     SvmModel,
-    SvmParams as TrainParams,
     dedup_negatives,
     feature_scale,
     save_svms,
     train_class_svm,
 )
-from sppcli.window_sampling import mean_feature_norm, read_pool_windows, svm_negative_rows, svm_positive_rows
+from sppcli.detector.windows import mean_feature_norm, read_pool_windows, svm_negative_rows, svm_positive_rows
 
-VERSION = VERSIONS["svm"]
-Params = StageSvmParams
+Params = SvmParams
 log = logging.getLogger(__name__)
 
 OUTPUT = "svms.npz"
 
 
-def params_from(config: Config) -> StageSvmParams:
+def params_from(config: Config) -> SvmParams:
     return config.svm
 
 
@@ -99,7 +97,7 @@ def inputs_for(planner, plan, upstream: Mapping[str, Manifest], options) -> Inpu
                   device=resolve_device(options.device))
 
 
-def check_params(params: StageSvmParams) -> None:
+def check_params(params: SvmParams) -> None:
     if params.layer not in FC_LAYERS:
         raise ValueError(f"svm.layer must be one of {', '.join(FC_LAYERS)}, got {params.layer!r}")
     if params.C <= 0 or params.target_norm <= 0 or params.bias_value <= 0 or params.pos_loss_weight <= 0:
@@ -155,7 +153,7 @@ def for_svm(manifest: Manifest, device: str = "cpu") -> LayerFeatures:
     return LayerFeatures.from_record(manifest.metrics["head"], device)
 
 
-def head_record(params: StageSvmParams, inputs: Inputs) -> dict[str, Any]:
+def head_record(params: SvmParams, inputs: Inputs) -> dict[str, Any]:
     """What computes the SVM's layer: ``{"layer", "pool_levels", "pooled_dim", "source", "path",
     "arch"}``; source/path/arch as in a features manifest's ``metrics["net"]`` (``"pool"``,
     None, None for pool5), from the fine-tuned net when ``finetuned``."""
@@ -252,11 +250,11 @@ class _ClassStream:
 
 
 def train_all_classes(positives: Sequence[np.ndarray], negative_batches: Iterator[list[np.ndarray]],
-                      params: TrainParams, names: Sequence[str], log_line: Callable[[str, str], None]
+                      params: SvmParams, names: Sequence[str], log_line: Callable[[str, str], None]
                       ) -> dict[int, SvmModel | Exception]:
     """Train the classes with positives, all from one iterator of per-image batches.
 
-    Each class's :func:`sppcli.svm.train_class_svm` runs in a thread of its own, used as a
+    Each class's :func:`sppcli.detector.svm.train_class_svm` runs in a thread of its own, used as a
     coroutine: it gets its batch of an image, works until it asks for the next one, and only
     then does the next class (or the next image) go on. The result for each class is exactly
     that of ``train_class_svm(positives[c], [batches[c] for batches in negative_batches])``.
@@ -270,8 +268,8 @@ def train_all_classes(positives: Sequence[np.ndarray], negative_batches: Iterato
         log_line: ``log_line(class_name, line)`` after each retrain.
 
     Returns:
-        class index -> its :class:`~sppcli.svm.SvmModel`, or the
-        :class:`~sppcli.svm.NoNegativesError` that stopped it.
+        class index -> its :class:`~sppcli.detector.svm.SvmModel`, or the
+        :class:`~sppcli.detector.svm.NoNegativesError` that stopped it.
     """
     active = [c for c, p in enumerate(positives) if len(p)]
     streams = {c: _ClassStream() for c in active}
@@ -323,7 +321,7 @@ def train_all_classes(positives: Sequence[np.ndarray], negative_batches: Iterato
 
 
 def mining_batches(paths: Sequence[Path], num_classes: int, features: LayerFeatures, scale: float,
-                   params: StageSvmParams, counts: list[int]) -> Iterator[list[np.ndarray]]:
+                   params: SvmParams, counts: list[int]) -> Iterator[list[np.ndarray]]:
     """Per image, every class's scaled, deduplicated negatives (features computed once per
     image, then handed to every class).
 
@@ -350,12 +348,11 @@ def mining_batches(paths: Sequence[Path], num_classes: int, features: LayerFeatu
 
 
 @single_torch_thread()  # small matrix work: a second OpenMP thread only waits on a busy core
-def run(params: StageSvmParams, inputs: Inputs, out: StageRun) -> Manifest:
+def run(params: SvmParams, inputs: Inputs, out: StageRun) -> Manifest:
     check_params(params)
     started = time.perf_counter()
     classes = list(inputs.classes)
     paths = [inputs.pool.item_path(i) for i in inputs.image_ids]
-    train_params = TrainParams.from_fields(params)
 
     head = head_record(params, inputs)
     layer_features = LayerFeatures.from_record(head, inputs.device)
@@ -380,7 +377,7 @@ def run(params: StageSvmParams, inputs: Inputs, out: StageRun) -> Manifest:
     offered = [0] * len(classes)
     t_mine = time.perf_counter()
     results = train_all_classes(
-        positives, mining_batches(paths, len(classes), layer_features, scale, params, offered), train_params,
+        positives, mining_batches(paths, len(classes), layer_features, scale, params, offered), params,
         classes, lambda name, line: log.info("svm %s: %s", name, line))
     mining_seconds = time.perf_counter() - t_mine
 
@@ -393,7 +390,7 @@ def run(params: StageSvmParams, inputs: Inputs, out: StageRun) -> Manifest:
             continue
         models[classes[c]] = result
         history[classes[c]] = list(result.history)
-    save_svms(out.dir / OUTPUT, models, scale, classes, train_params)
+    save_svms(out.dir / OUTPUT, models, scale, classes, params)
 
     metrics = {
         "layer": params.layer,

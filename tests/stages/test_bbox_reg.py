@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from sppcli.bbox_regression import fit_ridge_regressors, load_regressor
+from sppcli.detector.bbox_reg import fit_ridge_regressors, load_regressor
 from sppcli.pipeline import RunOptions, run_stage
 from sppcli.stages import bbox_reg
 from tests.stages.test_finetune import planner_for, pool_manifest, tiny_upstream

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from sppcli.artifacts import ArtifactStore
-from sppcli.feature_net import NetSource, load_net, net_record
+from sppcli.nets.net_source import NetSource, load_net, net_record
 from sppcli.pipeline import Planner, RunOptions, run_stage
 from sppcli.stages import classify
-from sppcli.voc_eval import average_precision
+from sppcli.data.voc_eval import average_precision
 from tests.conftest import tiny_config
 
 

@@ -15,7 +15,7 @@ import torch
 from sppcli.artifacts import ArtifactStore
 from sppcli.pipeline import Planner, RunOptions, run_stage
 from sppcli.stages import features, finetune, pool, proposals
-from sppcli.window_sampling import read_pool_windows
+from sppcli.detector.windows import read_pool_windows
 from tests.conftest import tiny_config
 
 CPU = RunOptions(device="cpu")
@@ -90,7 +90,7 @@ def test_selected_windows_follow_the_iou_ranges(cache, tiny_devkit, tiny_weights
 
 
 def test_loss_decreases_and_output_loads(cache, tiny_devkit, tiny_weights):
-    from sppcli.feature_net import load_net
+    from sppcli.nets.net_source import load_net
 
     planner = planner_for(cache, tiny_devkit, tiny_weights, *FAST)
     manifest, ran = _run(planner)

@@ -7,7 +7,7 @@ import pytest
 from sppcli.artifacts import ArtifactStore
 from sppcli.data.voc import VocError
 from sppcli.pipeline import Planner, RunOptions, run_stage
-from sppcli.proposal_metrics import best_overlaps, format_recall_table
+from sppcli.data.proposal_recall import best_overlaps, format_recall_table
 from sppcli.stages import proposals
 from sppcli.stages.proposals import read_proposal_item, selective_search
 from tests.conftest import tiny_config

@@ -8,8 +8,8 @@ import pytest
 
 from sppcli.pipeline import RunOptions, run_stage
 from sppcli.stages import finetune, svm
-from sppcli.svm import SvmParams, load_svms, train_class_svm
-from sppcli.window_sampling import read_pool_windows
+from sppcli.detector.svm import SvmParams, load_svms, train_class_svm
+from sppcli.detector.windows import read_pool_windows
 from tests.stages.test_finetune import planner_for, pool_manifest, tiny_upstream
 from tests.reference import iou_loop
 
@@ -99,7 +99,8 @@ def test_pool5_svms_are_saved_and_up_to_date(cache, tiny_devkit, tiny_weights):
 
 
 def test_fc7_on_the_finetuned_head(cache, tiny_devkit, tiny_weights):
-    from sppcli.feature_net import detection_head, fc_features, load_net
+    from sppcli.nets.heads import detection_head, fc_features
+    from sppcli.nets.net_source import load_net
 
     planner = planner_for(cache, tiny_devkit, tiny_weights)  # defaults: fc7, finetuned
     run_stage(planner, finetune, planner.plan("finetune"), CPU)

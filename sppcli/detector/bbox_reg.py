@@ -7,7 +7,8 @@ onto its ground-truth box. Following ``spp_train_bbox_regressor.m``:
 - training windows of class k are those assigned to a ground truth of class k with
   IoU > min_iou (0.5), strictly, as its per-class selection ``O > opts.min_overlap`` does
   (the paper says "at least 50%"); ground-truth boxes themselves (IoU 1) qualify;
-- features are multiplied by the SVM stage's feature scale (mean norm 20);
+- features are scaled so that their mean L2 norm over the training windows is 20 (R-CNN's
+  ``rcnn_scale_features``), a factor the caller estimates and passes in;
 - a constant-1 bias feature is appended and regularised with the rest: the solution
   minimises ``||[X 1] beta - (Y - mu)||^2 + lambda ||beta||^2`` with lambda = 4000 and mu the
   per-class mean of the targets. Centring matters because the bias is penalised. The release
@@ -26,20 +27,9 @@ import torch
 from sklearn.linear_model import Ridge
 
 from sppcli.artifacts import atomic_path
-from sppcli.ops.boxes import apply_deltas, bbox_deltas
+from sppcli.ops.boxes import apply_deltas, bbox_deltas, paired_iou
 
 BBOX_REG_FORMAT = "sppcli.bbox_regressor/1"
-
-
-def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of a[i] with b[i] (float[N, 4] each, internal convention) -> float64[N]."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
-    inter = iw * ih
-    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-import sppcli.svm as svm_module
-from sppcli.svm import (
+import sppcli.detector.svm as svm_module
+from sppcli.config import SvmParams
+from sppcli.detector.svm import (
     NoNegativesError,
     NoPositivesError,
     SvmModel,
-    SvmParams,
     dedup_negatives,
     feature_scale,
     fit_linear_svm,
@@ -51,8 +51,8 @@ def test_sklearn_mapping_solves_the_liblinear_problem_of_the_releases():
     rng = np.random.default_rng(1)
     positives = rng.standard_normal((25, 6)) + 1.0
     negatives = rng.standard_normal((60, 6)) - 0.5
-    params = SvmParams(C=0.5, **EXACT)
-    w, b = fit_linear_svm(positives, negatives, params)
+    params = SvmParams(C=0.5)
+    w, b = fit_linear_svm(positives, negatives, params, **EXACT)
 
     features = np.concatenate([positives, negatives])
     labels = np.r_[np.ones(25), -np.ones(60)]
@@ -79,8 +79,8 @@ def test_reported_objective_is_the_release_formula_on_the_cache():
     rng = np.random.default_rng(2)
     positives = rng.standard_normal((30, 5)) + 1.5
     negatives = rng.standard_normal((80, 5)) - 1.0
-    params = SvmParams(C=0.1, **EXACT)
-    model = train_class_svm(positives, [negatives], params)
+    params = SvmParams(C=0.1)
+    model = train_class_svm(positives, [negatives], params, **EXACT)
     (entry,) = model.history
     w = model.w.astype(np.float64)
     z_pos, z_neg = positives @ w + model.b, negatives @ w + model.b
@@ -105,10 +105,10 @@ def test_mining_is_sandwiched_around_the_full_problem_optimum():
     positives = 8 * _axis(dim) + 4 * rng.standard_normal((50, dim))
     batches = [-6 * _axis(dim) + 4 * rng.standard_normal((150, dim)) for _ in range(20)]
     all_negatives = np.concatenate(batches)
-    params = SvmParams(C=0.01, retrain_limit=100, **EXACT)
+    params = SvmParams(C=0.01, retrain_limit=100)
     lines = []
-    mined = train_class_svm(positives, iter(batches), params, log=lines.append)
-    w_full, b_full = fit_linear_svm(positives, all_negatives, params)
+    mined = train_class_svm(positives, iter(batches), params, log=lines.append, **EXACT)
+    w_full, b_full = fit_linear_svm(positives, all_negatives, params, **EXACT)
     optimum = svm_objective(w_full, b_full, positives, all_negatives, params)["objective"]
     mined_on_all = svm_objective(mined.w, mined.b, positives, all_negatives, params)["objective"]
     on_cache = mined.history[-1]["objective"]
@@ -126,7 +126,7 @@ def test_mining_bookkeeping_with_a_scripted_solver(monkeypatch):
     # its first feature; the second feature is an id. Each call records what it trained on.
     trained_on = []
 
-    def scripted_solver(positives, negatives, params):
+    def scripted_solver(positives, negatives, params, tol, max_iter):
         trained_on.append(sorted(int(i) for i in negatives[:, 1]))
         return np.array([1.0, 0.0], dtype=np.float32), 0.0
 
@@ -209,19 +209,11 @@ def test_missing_examples_raise_specific_errors():
         train_class_svm(np.ones((2, 4)), [np.ones((3, 5))])
 
 
-def test_feature_scale_and_params_from_config_like_objects():
+def test_feature_scale():
     assert feature_scale(5.0) == 4.0
     assert feature_scale(40.0, target_norm=20.0) == 0.5
     with pytest.raises(ValueError):
         feature_scale(0.0)
-
-    class StageConfig:
-        C = 0.002
-        retrain_limit = 10
-        layer = "fc7"
-
-    params = SvmParams.from_fields(StageConfig())
-    assert params.C == 0.002 and params.retrain_limit == 10 and params.bias_value == 10.0
 
 
 def _slow_dedup(boxes, threshold):

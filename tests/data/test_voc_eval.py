@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from sppcli.voc_eval import (
+from sppcli.data.voc_eval import (
     VOC2007_RECALL_THRESHOLDS,
     average_precision,
     evaluate,

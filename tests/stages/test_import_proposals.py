@@ -7,12 +7,12 @@ from PIL import Image
 
 from sppcli.artifacts import ArtifactStore
 from sppcli.config import load_config
+from sppcli.data.proposal_files import ProposalImportError, parse_convention
+from sppcli.data.proposal_recall import format_recall_table
 from sppcli.data.voc import VocAnnotation, VocDataset, VocObject, write_annotation, write_image_set
 from sppcli.pipeline import Planner, RunOptions, run_stage
-from sppcli.proposal_import import ProposalImportError, import_proposals, parse_convention
-from sppcli.proposal_metrics import format_recall_table
-from sppcli.stages import proposals
-from sppcli.stages.proposals import read_proposal_item
+from sppcli.stages import STAGES, proposals
+from sppcli.stages.proposals import import_proposals, read_proposal_item
 
 # A hand-made devkit: two 40 x 30 images, internal (0-based continuous) boxes.
 GT = {
@@ -44,7 +44,7 @@ def hand_devkit(tmp_path_factory):
 
 
 def _begin(cache):
-    return ArtifactStore(cache).begin("proposals", "hand_test", proposals.VERSION, {}, {}, {})
+    return ArtifactStore(cache).begin("proposals", "hand_test", STAGES["proposals"].version, {}, {}, {})
 
 
 def _items(run, ids=GT):

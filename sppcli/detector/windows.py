@@ -16,7 +16,7 @@ selected by the same IoU rules (their IoU with themselves is 1). Difficult groun
 included everywhere (in ``overlaps`` and as GT windows), as both the R-CNN release and the SPP
 release's experiment scripts do (``roidb_from_voc`` keeps every object).
 
-Everything here but :func:`read_pool_windows`, :func:`iter_pool_windows` and
+Everything here but :func:`read_pool_windows` and
 :class:`PooledFeatureReader` is a pure function of numpy arrays. Boxes are float32
 ``(x1, y1, x2, y2)`` in the internal 0-based continuous pixel-edge convention.
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -104,13 +104,6 @@ def read_pool_windows(path: Path, image_id: str | None = None) -> PoolWindows:
         width=width,
         height=height,
     )
-
-
-def iter_pool_windows(item_path, image_ids: Iterable[str]) -> Iterator[PoolWindows]:
-    """``read_pool_windows`` of each image in order; ``item_path(image_id) -> Path``
-    (e.g. a pool :class:`~sppcli.artifacts.Manifest`'s ``item_path``)."""
-    for image_id in image_ids:
-        yield read_pool_windows(item_path(image_id), image_id)
 
 
 def read_feature_rows(dataset, rows: np.ndarray | None = None) -> np.ndarray:
@@ -198,7 +191,7 @@ def regression_selection(overlaps: np.ndarray, assigned_gt: np.ndarray, gt_label
     A window is used when its IoU with its max-IoU ground truth (``assigned_gt``) is
     ``>= min_iou``; its class is that ground truth's class and its target that ground truth's
     box (R-CNN's ``rcnn_train_bbox_regressor``, whose example gathering uses ``>=``; its
-    per-class fit then keeps ``> min_iou``, which :func:`sppcli.bbox_regression.fit_ridge_regressors`
+    per-class fit then keeps ``> min_iou``, which :func:`sppcli.detector.bbox_reg.fit_ridge_regressors`
     applies). Ground-truth windows qualify (IoU 1) and get zero targets.
 
     Returns:

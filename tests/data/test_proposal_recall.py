@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from sppcli.proposal_metrics import best_overlaps, mabo, mean_best_overlap, per_class_recall, recall_at
+from sppcli.data.proposal_recall import best_overlaps, mabo, mean_best_overlap, per_class_recall, recall_at
 
 
 def _iou_loop(a, b):

@@ -16,27 +16,21 @@ Coordinate conventions are explicit: ``order`` is ``"xyxy"`` or ``"yxyx"`` and
 already the internal 0-based continuous pixel edges. Defaults per format: ``.mat`` = 1-based
 inclusive ``yxyx``; ``.npz`` / ``.h5`` = internal ``xyxy``.
 
-Each image's boxes then go through the same cleaning as computed proposals (clip to the image,
-drop boxes without area or with a side below ``min_size``, drop exact duplicates, keep the first
-``max_boxes``, order kept) and are written as the same ``items/<id>.h5`` files, so the pool stage
-cannot tell imported from computed proposals.
+This module only reads the files; the proposals stage (:mod:`sppcli.stages.proposals`) cleans
+each image's boxes as it cleans computed proposals and writes the same items.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import time
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
-from PIL import Image
 
-from sppcli.artifacts import StageRun
 from sppcli.data.voc import voc_box_to_internal
-from sppcli.parallel import progress
-from sppcli.stages.proposals import clean_boxes, write_proposal_item
 
 log = logging.getLogger(__name__)
 
@@ -157,15 +151,16 @@ def _read_mat_v73(source: Path) -> tuple[list, list]:
     return images, boxes
 
 
-def _read_mat(source: Path, dataset) -> tuple[list[str], BoxReader, Callable[[], None]]:
+def _read_mat(source: Path, split_ids: Sequence[str], split_name: str
+              ) -> tuple[list[str], BoxReader, Callable[[], None]]:
     images, boxes = _read_mat_v73(source) if h5py.is_hdf5(source) else _read_mat_v5(source)
     if images is None:
-        if len(boxes) != len(dataset):
+        if len(boxes) != len(split_ids):
             raise ProposalImportError(f"{source}: no 'images' variable, and its {len(boxes)} box "
-                                      f"matrices cannot be matched to the {len(dataset)} images of {dataset.name}")
+                                      f"matrices cannot be matched to the {len(split_ids)} images of {split_name}")
         log.warning("%s: no 'images' variable; matching its box matrices to %s in image-set order",
-                    source, dataset.name)
-        images = list(dataset.ids)
+                    source, split_name)
+        images = list(split_ids)
     if len(images) != len(boxes):
         raise ProposalImportError(f"{source}: 'images' has {len(images)} entries but 'boxes' has {len(boxes)}")
     table = dict(zip(images, boxes))
@@ -189,29 +184,43 @@ def to_internal(raw: np.ndarray, one_based_inclusive: bool, order: str) -> np.nd
     return voc_box_to_internal(boxes) if one_based_inclusive else boxes.copy()
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    with Image.open(path) as im:  # header only: the stored pixel grid, as load_rgb decodes it
-        return im.size
+@dataclasses.dataclass
+class ProposalFile:
+    """An opened proposals file: its ids in file order, ``read(id)`` -> raw ``[N, 4]`` boxes in
+    the file's convention (``one_based_inclusive``, ``order``), and ``close()``."""
+
+    path: Path
+    fmt: str
+    one_based_inclusive: bool
+    order: str
+    ids: list[str]
+    read: BoxReader
+    close: Callable[[], None]
+
+    def boxes(self, image_id: str) -> np.ndarray:
+        """One image's boxes as float64 internal ``(x1, y1, x2, y2)``, not yet cleaned."""
+        try:
+            return to_internal(self.read(image_id), self.one_based_inclusive, self.order)
+        except ProposalImportError as exc:
+            raise ProposalImportError(f"{self.path}: image {image_id}: {exc}") from None
+
+    def __enter__(self) -> "ProposalFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def import_proposals(source: Path, dataset, out: StageRun, fmt: str = "auto",
-                     one_based_inclusive: bool | None = None, order: str | None = None,
-                     min_size: float = 0, max_boxes: int | None = None) -> dict:
-    """Write ``out``'s proposals items from the boxes in ``source`` (see the module docstring).
+def open_proposal_file(source: Path, split_ids: Sequence[str], split_name: str, fmt: str = "auto",
+                       one_based_inclusive: bool | None = None, order: str | None = None) -> ProposalFile:
+    """Open ``source`` (see the module docstring) for the images ``split_ids`` of ``split_name``.
 
     Args:
-        source: ``.npz``, ``.h5`` or R-CNN-style ``.mat`` file.
-        dataset: the :class:`~sppcli.data.voc.VocDataset` split; every id must be in the file.
-        out: the open proposals run; finished items are skipped (an interrupted import resumes).
         fmt: ``"auto"`` (by suffix) or one of ``npz``, ``h5``, ``mat``.
         one_based_inclusive, order: the file's convention; ``None`` = the format's default.
-        min_size, max_boxes: the same cleaning as computed proposals (``max_boxes=None``: all).
-    Returns:
-        A summary: ``format``, ``order``, ``one_based_inclusive``, ``extra_ids`` (ids in the
-        file but not in the split, ignored), ``boxes_read`` and ``boxes_dropped`` (by clipping,
-        size, duplicates and ``max_boxes``) over the images imported in this call.
     Raises:
-        ProposalImportError: unreadable file, bad arrays, or split ids missing from the file.
+        ProposalImportError: unreadable file, or split ids missing from the file (the message
+            counts them and names a few, beside a few of the file's own ids).
     """
     source = Path(source)
     if not source.is_file():
@@ -222,42 +231,20 @@ def import_proposals(source: Path, dataset, out: StageRun, fmt: str = "auto",
     default_one_based, default_order = _DEFAULTS[fmt]
     one_based = default_one_based if one_based_inclusive is None else bool(one_based_inclusive)
     order = default_order if order is None else order
-
+    if order not in ORDERS:
+        raise ProposalImportError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     if fmt == "npz":
         file_ids, read, close = _read_npz(source)
     elif fmt == "h5":
         file_ids, read, close = _read_h5(source)
     else:
-        file_ids, read, close = _read_mat(source, dataset)
-    try:
-        present = set(file_ids)
-        missing = [i for i in dataset.ids if i not in present]
-        if missing:
-            raise ProposalImportError(
-                f"{source}: {len(missing)} of the {len(dataset)} images of {dataset.name} have no "
-                f"boxes in the file, e.g. {', '.join(missing[:_MAX_LISTED])} (the file has "
-                f"{len(present)} ids, e.g. {', '.join(sorted(present)[:_MAX_LISTED]) or 'none'})")
-        extra = len(present - set(dataset.ids))
-        if extra:
-            log.info("%s: ignoring %d id(s) that are not in %s", source, extra, dataset.name)
-        read_total = dropped = 0
-        for image_id in progress(out.pending(dataset.ids), desc=f"import proposals {dataset.name}"):
-            started = time.perf_counter()
-            try:
-                boxes = to_internal(read(image_id), one_based, order)
-            except ProposalImportError as exc:
-                raise ProposalImportError(f"{source}: image {image_id}: {exc}") from None
-            width, height = _image_size(dataset.image_path(image_id))
-            kept = clean_boxes(boxes, width, height, min_size,
-                               len(boxes) if max_boxes is None else max_boxes, round_to_pixels=False)
-            read_total += len(boxes)
-            dropped += len(boxes) - len(kept)
-            write_proposal_item(out.item_path(image_id), kept, width, height,
-                                time.perf_counter() - started, f"imported:{fmt}")
-    finally:
+        file_ids, read, close = _read_mat(source, split_ids, split_name)
+    present = set(file_ids)
+    missing = [i for i in split_ids if i not in present]
+    if missing:
         close()
-    if dropped:
-        log.info("%s: dropped %d of %d boxes (outside the image, smaller than %s px, duplicates "
-                 "or beyond max_boxes)", source, dropped, read_total, min_size)
-    return {"format": fmt, "order": order, "one_based_inclusive": one_based, "extra_ids": extra,
-            "boxes_read": read_total, "boxes_dropped": dropped}
+        raise ProposalImportError(
+            f"{source}: {len(missing)} of the {len(split_ids)} images of {split_name} have no "
+            f"boxes in the file, e.g. {', '.join(missing[:_MAX_LISTED])} (the file has "
+            f"{len(present)} ids, e.g. {', '.join(sorted(present)[:_MAX_LISTED]) or 'none'})")
+    return ProposalFile(source, fmt, one_based, order, list(file_ids), read, close)

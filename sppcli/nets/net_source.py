@@ -1,4 +1,4 @@
-"""The net behind a features artifact: where its weights come from, and its fc6/fc7 head.
+"""The net behind a features artifact: which weights file it comes from, and loading it.
 
 The features stage runs a conv trunk over whole images; later stages (fine-tuning, SVMs on fc6 /
 fc7, classification) need the fc head *of the same net*. Both go through this module, so "the
@@ -8,36 +8,23 @@ net of this features artifact" has one meaning:
   checkpoint or a torchvision-format AlexNet / VGG-16 state dict), else the ``model.pt`` that
   the upstream pretrain artifact names in ``metrics["checkpoint"]``.
 * :func:`load_net` loads it. For a torchvision file the arch comes from ``[net]`` (trunk,
-  pyramid levels, dropout; fc width too if the file has no classifier); fc layers that the file cannot fill (fc6 of an SPP pyramid) start
-  from a *seeded* initialisation, so loading the same file twice gives the same net.
+  pyramid levels, dropout; fc width too if the file has no classifier); fc layers that the file
+  cannot fill (fc6 of an SPP pyramid) start from a *seeded* initialisation, so loading the same
+  file twice gives the same net.
 * :func:`load_net_for_features` rebuilds exactly that net from a features manifest's
   ``metrics["net"]`` record.
-
-Pooled-vector layouts. Both the classifier's SPP layer (:mod:`sppcli.nets.spp_layer`) and the
-detection pooling (:mod:`sppcli.ops.spp_pool`) lay a vector out level by level in the order the
-levels are listed, each level channel-major (``c * n * n + row * n + col``). The classifier
-uses ``(6, 3, 2, 1)``, detection ``(1, 2, 3, 6)``: same bins, different positions. fc6 was trained
-on the classifier's layout, so :func:`detection_head` permutes fc6's input columns once so that
-detection-pooled vectors meet the weights each bin was trained with (:func:`reorder_pooled` does
-the same to the vectors instead).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from sppcli.nets.checkpoint import load_weights
-from sppcli.nets.heads import FcHead
 from sppcli.nets.sppnet import SppNet
-
-NET_SOURCES = ("pretrain", "weights")
-FC_LAYERS = ("pool5", "fc6", "fc7")
 
 # Seed for fc layers a weights file does not provide (e.g. fc6 of an SPP pyramid on torchvision
 # weights): without it two loads of one file would disagree on fc6.
@@ -166,97 +153,3 @@ def load_net_for_features(features: Any, map_location: str | torch.device = "cpu
         raise FileNotFoundError(f"the weights {path} of this features artifact are gone; restore them or "
                                 "rerun `sppcli extract-features --force`")
     return load_net(path, record["arch"], map_location)
-
-
-# ---------------------------------------------------------------------------------------------
-# pooled-vector layouts
-
-
-def _level_offsets(levels: Sequence[int], channels: int) -> dict[int, int]:
-    offsets, position = {}, 0
-    for n in levels:
-        offsets[int(n)] = position
-        position += channels * int(n) * int(n)
-    return offsets
-
-
-def pooled_permutation(from_levels: Sequence[int], to_levels: Sequence[int], channels: int) -> np.ndarray:
-    """Column indices ``perm`` with ``pooled_to = pooled_from[:, perm]``.
-
-    Args:
-        from_levels, to_levels: the same set of pyramid levels in two orders, e.g.
-            ``(1, 2, 3, 6)`` and ``(6, 3, 2, 1)``.
-        channels: C of the pooled conv map.
-
-    Returns:
-        int64 ``[C * sum(n * n)]``.
-
-    Raises:
-        ValueError: the two lists do not hold the same levels (the vectors then hold different
-            bins, and no permutation relates them).
-    """
-    from_levels = [int(n) for n in from_levels]
-    to_levels = [int(n) for n in to_levels]
-    if sorted(from_levels) != sorted(to_levels) or len(set(from_levels)) != len(from_levels):
-        raise ValueError(f"pyramid levels {tuple(from_levels)} and {tuple(to_levels)} hold different bins; "
-                         "set pool.levels to the net's levels in any order")
-    source = _level_offsets(from_levels, channels)
-    return np.concatenate([source[n] + np.arange(channels * n * n, dtype=np.int64) for n in to_levels])
-
-
-def reorder_pooled(pooled: np.ndarray, from_levels: Sequence[int], to_levels: Sequence[int],
-                   channels: int) -> np.ndarray:
-    """``pooled`` ``[N, D]`` laid out by ``from_levels`` -> the same bins laid out by ``to_levels``."""
-    perm = pooled_permutation(from_levels, to_levels, channels)
-    if pooled.shape[-1] != perm.shape[0]:
-        raise ValueError(f"pooled vectors have {pooled.shape[-1]} columns; levels {tuple(from_levels)} "
-                         f"with {channels} channels give {perm.shape[0]}")
-    return pooled[..., perm]
-
-
-def detection_head(net: SppNet, pool_levels: Sequence[int]) -> FcHead:
-    """A copy of ``net.head`` whose fc6 takes vectors pooled with ``pool_levels`` ordering.
-
-    ``detection_head(net, (1, 2, 3, 6))(x)`` equals ``net.head(reorder_pooled(x, (1, 2, 3, 6),
-    net.levels, C))``: fc6's weight columns are permuted once instead of every vector.
-    """
-    # det = cls[:, perm], so W_det @ det = W_cls @ cls exactly when W_det = W_cls[:, perm].
-    perm = torch.from_numpy(pooled_permutation(net.levels, pool_levels, net.trunk.out_channels))
-    head = copy.deepcopy(net.head)
-    with torch.no_grad():
-        head.fc6.weight.copy_(net.head.fc6.weight[:, perm.to(net.head.fc6.weight.device)])
-    return head
-
-
-@torch.no_grad()
-def fc_features(head: FcHead, pooled: np.ndarray, layer: str, device: str | torch.device = "cpu",
-                batch: int = 4096) -> np.ndarray:
-    """Features of pooled windows at ``layer``, in eval mode (no dropout).
-
-    Args:
-        head: an fc head whose fc6 takes ``pooled``'s layout (see :func:`detection_head`).
-        pooled: ``[N, D]`` pooled conv5 vectors (any float dtype, e.g. a pool item's
-            ``features``).
-        layer: ``"pool5"`` (the pooled vector itself), ``"fc6"`` or ``"fc7"`` (after ReLU).
-        device: where to run the head; it is moved there and left in eval mode.
-        batch: rows per forward pass.
-
-    Returns:
-        float32 ``[N, D]`` for pool5, ``[N, hidden]`` for fc6 / fc7.
-    """
-    if layer not in FC_LAYERS:
-        raise ValueError(f"unknown feature layer {layer!r}; known layers: {', '.join(FC_LAYERS)}")
-    pooled = np.asarray(pooled)
-    if pooled.ndim != 2:
-        raise ValueError(f"pooled must be [N, D], got shape {pooled.shape}")
-    if layer == "pool5":
-        return pooled.astype(np.float32, copy=False)
-    if pooled.shape[1] != head.in_dim:
-        raise ValueError(f"pooled vectors have {pooled.shape[1]} columns, the head takes {head.in_dim}")
-    head = head.to(device).eval()
-    out = np.empty((pooled.shape[0], head.hidden), dtype=np.float32)
-    forward = head.fc6_features if layer == "fc6" else head.fc7_features
-    for start in range(0, pooled.shape[0], max(1, int(batch))):
-        chunk = torch.from_numpy(np.ascontiguousarray(pooled[start:start + batch], dtype=np.float32)).to(device)
-        out[start:start + chunk.shape[0]] = forward(chunk).float().cpu().numpy()
-    return out

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from sppcli.bbox_regression import fit_ridge_regressors, load_regressor, paired_iou, save_regressor
+from sppcli.detector.bbox_reg import fit_ridge_regressors, load_regressor, save_regressor
+from sppcli.ops.boxes import paired_iou
 from sppcli.ops.boxes import apply_deltas, bbox_deltas
 
 

@@ -174,6 +174,35 @@ def evaluate_class(
             f"{boxes.shape[0]} boxes"
         )
 
+    gt_boxes, gt_difficult, n_positives = _class_ground_truth(gt)
+    order, is_tp, is_fp = _match_detections(image_ids, scores, boxes, gt_boxes, gt_difficult, iou_threshold)
+    tp_cumulative = np.cumsum(is_tp, dtype=np.float64)
+    fp_cumulative = np.cumsum(is_fp, dtype=np.float64)
+    counted = tp_cumulative + fp_cumulative
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(counted > 0, tp_cumulative / counted, np.nan)
+    if n_positives > 0:
+        recall = tp_cumulative / n_positives
+        ap = average_precision(recall, precision, metric)
+    else:
+        # The devkit would divide by zero here; no class of a real VOC test set hits this.
+        recall = np.zeros(len(order), dtype=np.float64)
+        ap = 0.0
+    return ClassResult(
+        recall=recall,
+        precision=precision,
+        ap=ap,
+        n_positives=n_positives,
+        is_tp=is_tp,
+        is_fp=is_fp,
+        order=order.astype(np.int64),
+    )
+
+
+def _class_ground_truth(gt: Mapping[str, tuple[np.ndarray, np.ndarray]]
+                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """(boxes float64 [G, 4], difficult bool [G]) per image, and the number of non-difficult
+    objects: the devkit's ``npos``."""
     gt_boxes: dict[str, np.ndarray] = {}
     gt_difficult: dict[str, np.ndarray] = {}
     n_positives = 0
@@ -185,13 +214,19 @@ def evaluate_class(
         gt_boxes[image_id] = image_boxes
         gt_difficult[image_id] = difficult
         n_positives += int(np.count_nonzero(~difficult))
-    taken = {image_id: np.zeros(len(d), dtype=bool) for image_id, d in gt_difficult.items()}
+    return gt_boxes, gt_difficult, n_positives
 
+
+def _match_detections(image_ids: Sequence[str], scores: np.ndarray, boxes: np.ndarray,
+                      gt_boxes: Mapping[str, np.ndarray], gt_difficult: Mapping[str, np.ndarray],
+                      iou_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The devkit's greedy matching by descending score: ``(order, is_tp, is_fp)``, the flags
+    in rank order. A detection matching a difficult object is neither (it is ignored)."""
+    taken = {image_id: np.zeros(len(d), dtype=bool) for image_id, d in gt_difficult.items()}
     # Stable sort of the negated scores, exactly like the devkit's [~, si] = sort(-confidence).
     order = np.argsort(-scores, kind="stable")
-    n_detections = len(order)
-    is_tp = np.zeros(n_detections, dtype=bool)
-    is_fp = np.zeros(n_detections, dtype=bool)
+    is_tp = np.zeros(len(order), dtype=bool)
+    is_fp = np.zeros(len(order), dtype=bool)
     for rank, index in enumerate(order):
         image_id = image_ids[index]
         if image_id not in gt_boxes:
@@ -212,28 +247,7 @@ def evaluate_class(
                 taken[image_id][best] = True
         else:
             is_fp[rank] = True
-
-    tp_cumulative = np.cumsum(is_tp, dtype=np.float64)
-    fp_cumulative = np.cumsum(is_fp, dtype=np.float64)
-    counted = tp_cumulative + fp_cumulative
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(counted > 0, tp_cumulative / counted, np.nan)
-    if n_positives > 0:
-        recall = tp_cumulative / n_positives
-        ap = average_precision(recall, precision, metric)
-    else:
-        # The devkit would divide by zero here; no class of a real VOC test set hits this.
-        recall = np.zeros(n_detections, dtype=np.float64)
-        ap = 0.0
-    return ClassResult(
-        recall=recall,
-        precision=precision,
-        ap=ap,
-        n_positives=n_positives,
-        is_tp=is_tp,
-        is_fp=is_fp,
-        order=order.astype(np.int64),
-    )
+    return order, is_tp, is_fp
 
 
 def evaluate(
@@ -283,13 +297,13 @@ def format_ap_table(rows: Mapping[str, Mapping[str, float]], class_names: Sequen
 
     rows: method name -> {class name -> AP in [0, 1]}. Columns: method, mAP, then one per class
     (VOC names shortened as in the paper). Numbers are percent with one decimal. A class that is
-    missing from a row or NaN prints "-" and is left out of that row's mAP, which is the mean
-    of the row's other classes.
+    missing from a row, NaN or None (JSON's null) prints "-" and is left out of that row's mAP,
+    which is the mean of the row's other classes.
     """
     headers = ["method", "mAP"] + [VOC_SHORT_NAMES.get(name, name) for name in class_names]
     body = []
     for method, aps in rows.items():
-        values = [aps.get(name, math.nan) for name in class_names]
+        values = [math.nan if aps.get(name) is None else aps[name] for name in class_names]
         finite = [v for v in values if not math.isnan(v)]
         mean_ap = sum(finite) / len(finite) if finite else math.nan
         body.append([str(method)] + [_percent(v) for v in [mean_ap] + values])

@@ -43,6 +43,7 @@ import torch
 from sklearn.svm import LinearSVC
 
 from sppcli.artifacts import atomic_path
+from sppcli.config import SvmParams
 from sppcli.ops.boxes import box_iou
 
 SVM_FORMAT = "sppcli.svms/1"
@@ -56,39 +57,10 @@ class NoNegativesError(ValueError):
     """The negative stream of a class held no negatives at all, so no SVM can be trained."""
 
 
-@dataclasses.dataclass(frozen=True)
-class SvmParams:
-    """Training settings (defaults: the R-CNN / SPP-net releases).
-
-    C, pos_loss_weight, bias_value: liblinear ``-c``, ``-w1`` and ``-B``.
-    hard_threshold: a negative scoring above this enters the cache.
-    evict_threshold: after a retrain, cached negatives scoring below this leave it.
-    retrain_limit: retrain once more than this many negatives were added since the last one.
-    target_norm: mean feature norm after scaling (used by callers through feature_scale).
-    neg_iou, neg_dedup_iou: negative selection rules applied by callers (IoU < neg_iou with
-        every positive; dedup_negatives threshold).
-    tol: liblinear's stopping tolerance; 0.1 is liblinear's default for ``-s 3``, which the
-        releases used. Smaller values solve each retrain more exactly, at more cost.
-    max_iter: liblinear's iteration cap (1,000 in liblinear itself).
-    """
-
-    C: float = 0.001
-    pos_loss_weight: float = 2.0
-    bias_value: float = 10.0
-    hard_threshold: float = -1.0001
-    evict_threshold: float = -1.2
-    retrain_limit: int = 2000
-    target_norm: float = 20.0
-    neg_iou: float = 0.3
-    neg_dedup_iou: float = 0.7
-    tol: float = 0.1
-    max_iter: int = 1000
-
-    @classmethod
-    def from_fields(cls, source: Any) -> "SvmParams":
-        """Build from any object (e.g. the stage config) carrying some of these field names."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{name: getattr(source, name) for name in names if hasattr(source, name)})
+#: liblinear's stopping tolerance for ``-s 3`` (its default, which the releases used) and its
+#: iteration cap. Smaller tolerances solve each retrain more exactly, at more cost.
+LIBLINEAR_TOL = 0.1
+LIBLINEAR_MAX_ITER = 1000
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -136,9 +108,13 @@ def svm_objective(
 
 
 def fit_linear_svm(
-    positives: np.ndarray, negatives: np.ndarray, params: SvmParams = SvmParams()
+    positives: np.ndarray, negatives: np.ndarray, params: SvmParams = SvmParams(),
+    tol: float = LIBLINEAR_TOL, max_iter: int = LIBLINEAR_MAX_ITER,
 ) -> tuple[np.ndarray, float]:
-    """One liblinear solve of the releases' problem; returns (w float32[D], b float)."""
+    """One liblinear solve of the releases' problem; returns (w float32[D], b float).
+
+    ``params`` gives C, pos_loss_weight and bias_value (liblinear ``-c``, ``-w1``, ``-B``).
+    """
     features = np.concatenate([positives, negatives]).astype(np.float64, copy=False)
     targets = np.concatenate([np.ones(len(positives)), -np.ones(len(negatives))])
     solver = LinearSVC(
@@ -148,8 +124,8 @@ def fit_linear_svm(
         class_weight={1: params.pos_loss_weight, -1: 1.0},
         fit_intercept=True,
         intercept_scaling=params.bias_value,
-        tol=params.tol,
-        max_iter=params.max_iter,
+        tol=tol,
+        max_iter=max_iter,
         random_state=0,  # liblinear's coordinate order is random; fixed for reproducible models
     )
     solver.fit(features, targets)
@@ -184,6 +160,8 @@ def train_class_svm(
     negative_batches: Iterable[np.ndarray],
     params: SvmParams = SvmParams(),
     log: Callable[[str], None] | None = None,
+    tol: float = LIBLINEAR_TOL,
+    max_iter: int = LIBLINEAR_MAX_ITER,
 ) -> SvmModel:
     """Train one class's SVM with the releases' one-pass hard-negative mining.
 
@@ -192,7 +170,10 @@ def train_class_svm(
         image without negatives yields an empty [0, D] array, which still counts as an image),
         already restricted to valid negatives and deduplicated, and scaled. Consumed once, one
         batch ahead.
+    params: the svm config section (C, pos_loss_weight, bias_value, hard_threshold,
+        evict_threshold, retrain_limit are used here).
     log: called with one human-readable line per retrain.
+    tol, max_iter: liblinear's tolerance and iteration cap for every retrain.
     Raises NoPositivesError when P == 0 and NoNegativesError when no batch held a negative.
     """
     positives = _as_features(positives, None, "positives")
@@ -218,7 +199,7 @@ def train_class_svm(
             continue
 
         negatives = np.concatenate(cache) if len(cache) > 1 else cache[0]
-        w, b = fit_linear_svm(positives, negatives, params)
+        w, b = fit_linear_svm(positives, negatives, params, tol, max_iter)
         z_pos = positives @ w + np.float32(b)
         z_neg = negatives @ w + np.float32(b)
         losses = svm_objective(w, b, positives, negatives, params)
