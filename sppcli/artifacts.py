@@ -105,23 +105,30 @@ def json_number(value: Any, digits: int | None = None) -> float | None:
     return value if digits is None else round(value, digits)
 
 
-def item_means(items_dir: Path, ids: Iterable[str], attrs: Iterable[str]) -> dict[str, float | None]:
-    """Mean over the items of each named HDF5 attribute, and ``bytes`` (mean file size).
+def item_attrs(items_dir: Path, ids: Iterable[str], attrs: Iterable[str]) -> dict[str, list]:
+    """Each named HDF5 attribute of every item, and ``bytes`` (file sizes), in ``ids`` order.
 
-    The per-item timings a per-image stage writes into its items (``conv_seconds``,
-    ``seconds``...) become one number each for its manifest; None when there are no items.
+    The per-item numbers a per-image stage writes into its items (``conv_seconds``,
+    ``seconds``...) are summarised for its manifest from these.
     """
     import h5py
 
     attrs = list(attrs)
-    values: dict[str, list[float]] = {name: [] for name in attrs + ["bytes"]}
+    values: dict[str, list] = {name: [] for name in attrs + ["bytes"]}
     for image_id in ids:
         path = Path(items_dir) / f"{image_id}.h5"
         with h5py.File(path, "r") as f:
             for name in attrs:
-                values[name].append(float(f.attrs[name]))
+                values[name].append(f.attrs[name])
         values["bytes"].append(path.stat().st_size)
-    return {name: (sum(v) / len(v) if v else None) for name, v in values.items()}
+    return values
+
+
+def item_means(items_dir: Path, ids: Iterable[str], attrs: Iterable[str]) -> dict[str, float | None]:
+    """Mean over the items of each named scalar attribute, and ``bytes`` (mean file size);
+    None when there are no items."""
+    values = item_attrs(items_dir, ids, attrs)
+    return {name: (float(sum(v)) / len(v) if v else None) for name, v in values.items()}
 
 
 def canonical_json(obj: Any) -> str:

@@ -106,6 +106,7 @@ class FeatureParams:
     scales: tuple[int, ...] = (688,)  # min(w, h) = s; paper 5-scale: 480,576,688,864,1200
     max_side: int = 2000  # cap on the longer side after resizing
     dtype: str = "float16"  # storage dtype of the maps
+    storage: str = "sparse"  # sparse (ReLU zeros as a bit mask) | dense; both lossless
     autocast: str = "none"  # none | bf16 | fp16 (compute precision on the device)
 
 
@@ -115,6 +116,10 @@ class PoolParams:
 
     levels: tuple[int, ...] = (1, 2, 3, 6)  # 50 bins -> 12,800-d for 256 channels
     dtype: str = "float16"
+    # false: items hold the window table only and every consumer pools its rows from the conv5
+    # maps on the fly (bit-identical); true: items also hold every window's pooled vector
+    # (~51 MB per VOC image at 12,800-d float16).
+    store_features: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -139,9 +139,11 @@ class Planner:
         elif stage == "bbox_reg":
             params = as_dict(c.bbox_reg)
             upstream["pool"] = self.plan("pool", train)
+            upstream["features"] = self.plan("features", train)
         elif stage == "detect":
             params = as_dict(c.detect)
             upstream["pool"] = self.plan("pool", split)
+            upstream["features"] = self.plan("features", split)
             upstream["svm"] = self.plan("svm")
             if c.detect.bbox_reg:
                 upstream["bbox_reg"] = self.plan("bbox_reg")

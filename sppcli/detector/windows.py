@@ -16,13 +16,13 @@ selected by the same IoU rules (their IoU with themselves is 1). Difficult groun
 included everywhere (in ``overlaps`` and as GT windows), as both the R-CNN release and the SPP
 release's experiment scripts do (``roidb_from_voc`` keeps every object).
 
-Everything here but :func:`read_pool_windows` and
-:class:`PooledFeatureReader` is a pure function of numpy arrays. Boxes are float32
+Everything here but :func:`read_pool_windows`, :func:`count_windows` and :func:`mean_feature_norm`
+is a pure function of numpy arrays; pooled vectors come from
+:class:`sppcli.detector.pooled_features.PooledFeatures`. Boxes are float32
 ``(x1, y1, x2, y2)`` in the internal 0-based continuous pixel-edge convention.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence
@@ -43,6 +43,8 @@ class PoolWindows:
         boxes: float32 ``[N, 4]``, ground-truth windows first, then proposals.
         is_gt: bool ``[N]``.
         gt_label: int16 ``[N]``: class index of a ground-truth window, -1 for proposals.
+        scale_index: int8 ``[N]``: the scale each window is pooled at (index into the features
+            item's scales); cells: int32 ``[N, 4]``: its inclusive conv5 cells on that map.
         overlaps: float32 ``[N, K]``: IoU with the best ground truth of each class (difficult
             ground truths included).
         assigned_gt: int32 ``[N]``: index into ``gt_boxes`` of the max-IoU ground truth, -1 if
@@ -56,6 +58,8 @@ class PoolWindows:
     boxes: np.ndarray
     is_gt: np.ndarray
     gt_label: np.ndarray
+    scale_index: np.ndarray
+    cells: np.ndarray
     overlaps: np.ndarray
     assigned_gt: np.ndarray
     gt_boxes: np.ndarray
@@ -67,19 +71,13 @@ class PoolWindows:
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
 
-    def read_features(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """Pooled feature rows of this item, in its storage dtype (see :func:`read_feature_rows`)."""
-        import h5py
 
-        with h5py.File(self.path, "r") as f:
-            return read_feature_rows(f["features"], rows)
-
-
-_META_DATASETS = ("boxes", "is_gt", "gt_label", "overlaps", "assigned_gt", "gt_boxes", "gt_labels", "gt_difficult")
+_META_DATASETS = ("boxes", "is_gt", "gt_label", "scale_index", "cells", "overlaps", "assigned_gt", "gt_boxes",
+                  "gt_labels", "gt_difficult")
 
 
 def read_pool_windows(path: Path, image_id: str | None = None) -> PoolWindows:
-    """Read the window metadata of one pool item (not its features)."""
+    """Read the window table of one pool item (not its stored features, if any)."""
     import h5py
 
     path = Path(path)
@@ -96,6 +94,8 @@ def read_pool_windows(path: Path, image_id: str | None = None) -> PoolWindows:
         boxes=arrays["boxes"].reshape(-1, 4).astype(np.float32, copy=False),
         is_gt=arrays["is_gt"].astype(bool, copy=False),
         gt_label=arrays["gt_label"].astype(np.int16, copy=False),
+        scale_index=arrays["scale_index"].astype(np.int8, copy=False),
+        cells=arrays["cells"].reshape(-1, 4).astype(np.int32, copy=False),
         overlaps=overlaps.astype(np.float32, copy=False),
         assigned_gt=arrays["assigned_gt"].astype(np.int32, copy=False),
         gt_boxes=arrays["gt_boxes"].reshape(-1, 4).astype(np.float32, copy=False),
@@ -244,12 +244,14 @@ def count_windows(path: Path) -> int:
 NORM_SEED = 3  # R-CNN's seed_rand() seed for its feature statistics
 
 
-def mean_feature_norm(paths: Sequence[Path], transform: Callable[[np.ndarray], np.ndarray], seed: int = NORM_SEED,
-                      max_images: int = 200, per_image: int = 200, progress=None) -> tuple[float, int]:
+def mean_feature_norm(paths: Sequence[Path], pooled, transform: Callable[[np.ndarray], np.ndarray],
+                      seed: int = NORM_SEED, max_images: int = 200, per_image: int = 200,
+                      progress=None) -> tuple[float, int]:
     """Mean L2 norm of ``transform(pooled rows)`` over a seeded :func:`norm_sample` of windows.
 
     Args:
-        paths: the pool items.
+        paths: the pool items (window tables), in image order.
+        pooled: the split's :class:`~sppcli.detector.pooled_features.PooledFeatures`.
         transform: pooled ``[n, D]`` (storage dtype) -> features ``[n, D']`` whose norm is
             wanted (e.g. the fc7 of a head, or a float32 copy for pool5).
         seed: seed of the sample, so that the estimate (and every model scaled by it) is
@@ -262,16 +264,14 @@ def mean_feature_norm(paths: Sequence[Path], transform: Callable[[np.ndarray], n
     Raises:
         ValueError: the items hold no window at all.
     """
-    import h5py
-
     wrap = progress or (lambda iterable, total: iterable)
     counts = [count_windows(p) for p in wrap(paths, total=len(paths))]
     sample = norm_sample(np.random.default_rng(seed), counts, max_images, per_image)
     norms = []
     for image, rows in wrap(sample, total=len(sample)):
-        with h5py.File(paths[image], "r") as f:
-            pooled = read_feature_rows(f["features"], rows)
-        norms.append(np.linalg.norm(np.asarray(transform(pooled), dtype=np.float64), axis=1))
+        windows = read_pool_windows(paths[image])
+        features = transform(pooled.window_rows(windows, rows))
+        norms.append(np.linalg.norm(np.asarray(features, dtype=np.float64), axis=1))
     if not norms:
         raise ValueError("no windows in the pool items: cannot estimate the mean feature norm")
     norms = np.concatenate(norms)
@@ -280,30 +280,47 @@ def mean_feature_norm(paths: Sequence[Path], transform: Callable[[np.ndarray], n
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class WindowSet:
-    """Selected windows of a whole split, as parallel flat arrays.
+    """Selected windows of a whole split, as parallel flat arrays (about 27 bytes a window, so
+    VOC 2007's ~10M windows fit in ~270 MB; their pooled vectors would take 256 GB).
 
     Attributes:
         image: int32 ``[M]`` index of the image (into the stage's image list).
-        row: int32 ``[M]`` row in that image's pool item.
+        row: int32 ``[M]`` row in that image's window table.
         label: int16 ``[M]`` training label.
+        scale_index: int8 ``[M]`` and cells: int32 ``[M, 4]``: where each window is pooled.
     """
 
     image: np.ndarray
     row: np.ndarray
     label: np.ndarray
+    scale_index: np.ndarray
+    cells: np.ndarray
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
 
     @staticmethod
-    def concat(parts: Sequence[tuple[int, np.ndarray, np.ndarray]]) -> "WindowSet":
-        """From ``[(image_index, rows, labels)]`` per image."""
+    def concat(parts: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> "WindowSet":
+        """From ``[(image_index, rows, labels, scale_index, cells)]`` per image."""
         if not parts:
-            return WindowSet(np.empty(0, np.int32), np.empty(0, np.int32), np.empty(0, np.int16))
-        image = np.concatenate([np.full(len(r), i, np.int32) for i, r, _ in parts])
-        row = np.concatenate([np.asarray(r, np.int32) for _, r, _ in parts])
-        label = np.concatenate([np.asarray(lab, np.int16) for _, _, lab in parts])
-        return WindowSet(image, row, label)
+            return WindowSet(np.empty(0, np.int32), np.empty(0, np.int32), np.empty(0, np.int16),
+                             np.empty(0, np.int8), np.empty((0, 4), np.int32))
+        return WindowSet(image=np.concatenate([np.full(len(p[1]), p[0], np.int32) for p in parts]),
+                         row=np.concatenate([np.asarray(p[1], np.int32) for p in parts]),
+                         label=np.concatenate([np.asarray(p[2], np.int16) for p in parts]),
+                         scale_index=np.concatenate([np.asarray(p[3], np.int8) for p in parts]),
+                         cells=np.concatenate([np.asarray(p[4], np.int32).reshape(-1, 4) for p in parts]))
+
+    def take(self, indices: np.ndarray) -> "WindowSet":
+        indices = np.asarray(indices, dtype=np.int64)
+        return WindowSet(self.image[indices], self.row[indices], self.label[indices], self.scale_index[indices],
+                         self.cells[indices])
+
+    @staticmethod
+    def join(first: "WindowSet", second: "WindowSet") -> "WindowSet":
+        return WindowSet(*(np.concatenate([a, b]) for a, b in zip(
+            (first.image, first.row, first.label, first.scale_index, first.cells),
+            (second.image, second.row, second.label, second.scale_index, second.cells))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,110 +384,3 @@ def _draw(rng: np.random.Generator, population: int, k: int) -> np.ndarray:
     if k == 0:
         return np.empty(0, np.int64)
     return rng.choice(population, size=k, replace=population < k).astype(np.int64)
-
-
-# ---------------------------------------------------------------------------------------------
-# reading selected feature rows
-
-
-class PooledFeatureReader:
-    """Pooled feature rows of selected windows, read from the pool items.
-
-    Two modes, chosen by the size of the selection:
-
-    * **in memory**: when every selected row fits in ``max_cache_bytes`` (storage dtype), all of
-      them are read once (one pass over the items) and served by indexing;
-    * **streaming**: otherwise rows are read per request, grouped by image, through a bounded
-      LRU of open HDF5 files. Callers ask for many mini-batches at once (see
-      :meth:`chunk_batches`) so that each file is visited once per chunk.
-
-    Both return the same values, so the mode never changes a result.
-
-    Args:
-        paths: the pool item of each image index.
-        windows: the selected windows (image index, row); requests index into it.
-        max_cache_bytes: memory the in-memory copy may take.
-        max_open_files: size of the LRU of open files in streaming mode.
-    """
-
-    def __init__(self, paths: Sequence[Path], windows: WindowSet, max_cache_bytes: int,
-                 max_open_files: int = 32, progress=None):
-        import h5py
-
-        self.paths = [Path(p) for p in paths]
-        self.windows = windows
-        self.max_open_files = max(1, int(max_open_files))
-        self._open: collections.OrderedDict[int, h5py.File] = collections.OrderedDict()
-        self.dim, self.dtype = _feature_layout(self.paths, windows)
-        self.row_bytes = self.dim * np.dtype(self.dtype).itemsize
-        self.cache: np.ndarray | None = None
-        if len(windows) * self.row_bytes <= max_cache_bytes:
-            self.cache = self._read(np.arange(len(windows)), progress=progress)
-
-    @property
-    def in_memory(self) -> bool:
-        return self.cache is not None
-
-    def chunk_batches(self, batch_rows: int, max_cache_bytes: int, limit: int = 500) -> int:
-        """How many mini-batches of ``batch_rows`` rows fit in ``max_cache_bytes`` (1 to ``limit``):
-        the size of one streaming request."""
-        return int(min(limit, max(1, max_cache_bytes // max(1, batch_rows * self.row_bytes))))
-
-    def get(self, indices: np.ndarray) -> np.ndarray:
-        """Rows ``[len(indices), D]`` (storage dtype) of the selected windows ``indices``."""
-        indices = np.asarray(indices, dtype=np.int64)
-        if self.cache is not None:
-            return self.cache[indices]
-        return self._read(indices)
-
-    def _read(self, indices: np.ndarray, progress=None) -> np.ndarray:
-        out = np.empty((len(indices), self.dim), dtype=self.dtype)
-        if len(indices) == 0:
-            return out
-        images = self.windows.image[indices]
-        rows = self.windows.row[indices]
-        order = np.argsort(images, kind="stable")
-        starts = np.flatnonzero(np.r_[True, images[order][1:] != images[order][:-1]])
-        bounds = list(zip(starts, np.r_[starts[1:], len(order)]))
-        if progress is not None:
-            bounds = progress(bounds, total=len(bounds))
-        for start, stop in bounds:
-            where = order[start:stop]
-            image = int(images[where[0]])
-            out[where] = read_feature_rows(self._file(image)["features"], rows[where])
-        return out
-
-    def _file(self, image: int):
-        import h5py
-
-        f = self._open.pop(image, None)
-        if f is None:
-            if len(self._open) >= self.max_open_files:
-                _, oldest = self._open.popitem(last=False)
-                oldest.close()
-            f = h5py.File(self.paths[image], "r")
-        self._open[image] = f
-        return f
-
-    def close(self) -> None:
-        while self._open:
-            _, f = self._open.popitem()
-            f.close()
-
-    def __enter__(self) -> "PooledFeatureReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _feature_layout(paths: Sequence[Path], windows: WindowSet) -> tuple[int, np.dtype]:
-    """(D, storage dtype) of the ``features`` datasets, read from the first needed item."""
-    import h5py
-
-    if not paths:
-        raise ValueError("no pool items to read features from")
-    first = int(windows.image[0]) if len(windows) else 0
-    with h5py.File(paths[first], "r") as f:
-        ds = f["features"]
-        return int(ds.shape[1]), ds.dtype

@@ -29,8 +29,8 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "proposals": Stage(1, "sppcli proposals", per_image=True),
     "pretrain": Stage(1, "sppcli pretrain", per_image=False),
-    "features": Stage(1, "sppcli extract-features", per_image=True),
-    "pool": Stage(1, "sppcli pool-windows", per_image=True),
+    "features": Stage(2, "sppcli extract-features", per_image=True),
+    "pool": Stage(2, "sppcli pool-windows", per_image=True),
     "finetune": Stage(1, "sppcli finetune-fc", per_image=False),
     "svm": Stage(1, "sppcli train-svm", per_image=False),
     "bbox_reg": Stage(1, "sppcli train-bbox-reg", per_image=False),

@@ -14,7 +14,7 @@ As R-CNN's ``rcnn_train_bbox_regressor`` and the SPP release's ``spp_train_bbox_
 
 Output: ``bbox_reg.npz`` (:func:`sppcli.detector.bbox_reg.save_regressor`). Metrics: training
 windows per class and their mean IoU with their ground truth before and after regression.
-Detection applies the regressor to the pool item's pooled rows as stored (``pool.levels`` order).
+Detection applies the regressor to the same pooled rows (``pool.levels`` order) of its test windows.
 """
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ from sppcli.detector.bbox_reg import BBoxRegressor, fit_ridge_regressors, save_r
 from sppcli.ops.boxes import paired_iou
 from sppcli.config import BBoxRegParams, Config
 from sppcli.parallel import map_images, progress, single_torch_thread
+from sppcli.stages.pool import pooled_features_of
 from sppcli.detector.svm import feature_scale
+from sppcli.detector.pooled_features import PooledFeatures
 from sppcli.detector.windows import mean_feature_norm, read_pool_windows, regression_selection
 
 Params = BBoxRegParams
@@ -51,12 +53,13 @@ class Inputs:
     """The training split's pool items.
 
     Attributes:
-        pool: pool manifest of the training split.
+        pool: pool manifest of the training split; features: the features artifact it was made from.
         image_ids: training images.
         classes: class names, label order.
     """
 
     pool: Manifest
+    features: Manifest
     image_ids: tuple[str, ...]
     classes: tuple[str, ...]
     workers: int = 1
@@ -66,7 +69,7 @@ class Inputs:
 def inputs_for(planner, plan, upstream: Mapping[str, Manifest], options) -> Inputs:
     dataset = planner.dataset(plan.split)
     pool = upstream["pool"]
-    return Inputs(pool=pool, image_ids=tuple(dataset.ids),
+    return Inputs(pool=pool, features=upstream["features"], image_ids=tuple(dataset.ids),
                   classes=tuple(pool.metrics.get("classes") or dataset.classes),
                   workers=options.workers, scheduler=options.scheduler)
 
@@ -89,17 +92,20 @@ class RegressionWindows:
     labels: np.ndarray
 
 
-def image_windows(path: str, min_iou: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def image_windows(path: str, pooled: PooledFeatures, min_iou: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(pooled features, boxes, gt boxes, labels) of one pool item's regression windows."""
-    windows = read_pool_windows(Path(path))
-    rows, labels, gt_index = regression_selection(windows.overlaps, windows.assigned_gt, windows.gt_labels, min_iou)
-    return windows.read_features(rows), windows.boxes[rows], windows.gt_boxes[gt_index], labels
+    with single_torch_thread():
+        windows = read_pool_windows(Path(path))
+        rows, labels, gt_index = regression_selection(windows.overlaps, windows.assigned_gt, windows.gt_labels,
+                                                      min_iou)
+        return pooled.window_rows(windows, rows), windows.boxes[rows], windows.gt_boxes[gt_index], labels
 
 
-def collect_windows(paths: Sequence[str], min_iou: float, workers: int = 1, scheduler: str | None = None
-                    ) -> RegressionWindows:
-    parts = map_images(functools.partial(image_windows, min_iou=min_iou), list(paths), workers=workers,
-                       scheduler=scheduler, desc="bbox_reg: windows")
+def collect_windows(paths: Sequence[str], pooled: PooledFeatures, min_iou: float, workers: int = 1,
+                    scheduler: str | None = None) -> RegressionWindows:
+    parts = map_images(functools.partial(image_windows, pooled=pooled, min_iou=min_iou), list(paths),
+                       workers=workers, scheduler=scheduler, desc="bbox_reg: windows")
     if not parts:
         raise ValueError("no training images")
     return RegressionWindows(features=np.concatenate([p[0] for p in parts]),
@@ -133,10 +139,11 @@ def run(params: BBoxRegParams, inputs: Inputs, out: StageRun) -> Manifest:
     classes = list(inputs.classes)
     paths = [str(inputs.pool.item_path(i)) for i in inputs.image_ids]
 
-    mean_norm, n_norm = mean_feature_norm([Path(p) for p in paths], lambda pooled: pooled.astype(np.float32),
+    pooled = pooled_features_of(inputs.pool, inputs.features)
+    mean_norm, n_norm = mean_feature_norm([Path(p) for p in paths], pooled, lambda rows: rows.astype(np.float32),
                                           progress=lambda it, total: progress(it, total=total, desc="bbox_reg: norms"))
     scale = feature_scale(mean_norm, TARGET_NORM)
-    data = collect_windows(paths, params.min_iou, inputs.workers, inputs.scheduler)
+    data = collect_windows(paths, pooled, params.min_iou, inputs.workers, inputs.scheduler)
     log.info("bbox_reg: %d windows with IoU >= %.2f; mean pooled-feature norm %.3f over %d windows, scale %.5g",
              len(data.labels), params.min_iou, mean_norm, n_norm, scale)
 

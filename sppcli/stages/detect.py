@@ -25,9 +25,10 @@ import h5py
 import numpy as np
 import torch
 
-from sppcli.artifacts import ITEMS, MANIFEST, Manifest, StageRun, atomic_path, atomic_write_json
+from sppcli.artifacts import ITEMS, MANIFEST, Manifest, StageRun, atomic_path, atomic_write_json, item_means
 from sppcli.config import DetectParams
 from sppcli.parallel import map_images, progress, resolve_device, single_torch_thread
+from sppcli.stages.pool import pooled_features_of
 
 Params = DetectParams
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ def params_from(config) -> Params:
 class Inputs:
     dataset: object
     pool: Manifest
+    features: Manifest
     svm: Manifest
     bbox_reg: Manifest | None
     combine: tuple[Path, ...]
@@ -60,7 +62,8 @@ def inputs_for(planner, plan, upstream, options) -> Inputs:
             raise ValueError(f"--combine {other}: not a complete detect artifact directory")
         if m.dataset != plan.dataset:
             raise ValueError(f"--combine {other}: detections of {m.dataset}, not {plan.dataset}")
-    return Inputs(dataset=planner.dataset(plan.split), pool=upstream["pool"], svm=upstream["svm"],
+    return Inputs(dataset=planner.dataset(plan.split), pool=upstream["pool"], features=upstream["features"],
+                  svm=upstream["svm"],
                   bbox_reg=upstream.get("bbox_reg"), combine=combine,
                   device=resolve_device(options.device), workers=options.workers, scheduler=options.scheduler)
 
@@ -109,7 +112,7 @@ def _scorer(svm_dir: str, bbox_dir: str | None, device: str) -> WindowScorer:
     return WindowScorer(svm, bbox, device)
 
 
-def detect_image(image_id: str, *, pool_item: Path, out_item: Path, svm_dir: str,
+def detect_image(image_id: str, *, pool_item: Path, pooled, out_item: Path, svm_dir: str,
                  bbox_dir: str | None, device: str, params: Params) -> dict:
     """Pass 1 for one image: write its per-class candidates (after NMS) to ``out_item``."""
     from sppcli.ops.boxes import clip_boxes, nms
@@ -120,7 +123,9 @@ def detect_image(image_id: str, *, pool_item: Path, out_item: Path, svm_dir: str
     windows = read_pool_windows(pool_item, image_id)
     rows = np.flatnonzero(~windows.is_gt)
     boxes = windows.boxes[rows]
-    pooled = windows.read_features(rows)
+    t_pool = time.perf_counter()
+    pooled = pooled.window_rows(windows, rows)
+    pool_seconds = time.perf_counter() - t_pool
     scores, fc_seconds = scorer(pooled) if len(rows) else (np.zeros((0, len(scorer.class_names)), np.float32), 0.0)
     out_boxes, out_scores, out_labels = [], [], []
     for k in range(scores.shape[1]):
@@ -145,6 +150,7 @@ def detect_image(image_id: str, *, pool_item: Path, out_item: Path, svm_dir: str
             f["labels"] = np.concatenate(out_labels) if out_labels else np.zeros(0, np.int16)
             f.attrs["width"], f.attrs["height"] = windows.width, windows.height
             f.attrs["fc_seconds"] = fc_seconds
+            f.attrs["pool_seconds"] = pool_seconds
             f.attrs["seconds"] = time.perf_counter() - t0
             f.attrs["n_windows"] = len(rows)
     return {"fc_seconds": fc_seconds, "n_windows": len(rows)}
@@ -211,6 +217,7 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     workers = 1 if inputs.device.startswith("cuda") else inputs.workers
     todo = out.pending(ids)
     fn = functools.partial(_detect_pending, pool_dir=str(inputs.pool.dir), out_dir=str(out.items_dir),
+                           pooled=pooled_features_of(inputs.pool, inputs.features),
                            svm_dir=str(inputs.svm.dir),
                            bbox_dir=str(inputs.bbox_reg.dir) if inputs.bbox_reg else None,
                            device=inputs.device, params=params)
@@ -255,6 +262,7 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
 
     metrics = {"n_detections": int(len(scores)), "n_images": len(ids),
                "fc_seconds_per_image": float(np.mean(fc_seconds)) if fc_seconds else 0.0,
+               "pool_seconds_per_image": item_means(out.items_dir, ids, ["pool_seconds"])["pool_seconds"] or 0.0,
                "windows_per_image": float(np.mean(n_windows)) if n_windows else 0.0,
                "per_class": {name: int(np.sum(labels == k)) for k, name in enumerate(class_names)},
                "combined_with": [str(p) for p in inputs.combine]}

@@ -3,7 +3,8 @@
 SPP-net runs the convolutional layers once per image (per scale), not once per window: every
 image is resized so that ``min(w, h) = s`` for each ``s`` in ``features.scales`` (the longer side
 capped at ``features.max_side``), and the trunk's conv5 map of the whole resized image is stored.
-Windows are pooled from these maps by the "pool" stage.
+These maps are the detector's whole feature cache: every later stage pools the windows it needs
+from them on the fly (:mod:`sppcli.detector.pooled_features`).
 
 Pipeline: a torch ``DataLoader`` (``--workers`` processes) decodes and resizes images while the
 one process that owns the net runs it; images go through the net one at a time (their sizes
@@ -12,7 +13,9 @@ bilinear with antialiasing on uint8 RGB, then the net's own normalisation
 (:func:`sppcli.nets.sppnet.normalize`).
 
 Output: ``items/<id>.h5`` per image with ``conv5_<i>`` ``[C, H_i, W_i]`` (``features.dtype``)
-for scale ``i`` and attributes ``width``, ``height`` (stored pixels of the original image),
+for scale ``i`` (written by :func:`write_map`: with ``features.storage = "sparse"`` a group of a
+``mask`` of the non-zero values, ``np.packbits`` of the flattened map, the ``values`` in that order
+and a ``shape`` attribute; read it with :func:`read_map`) and attributes ``width``, ``height`` (stored pixels of the original image),
 ``scales``, ``scale_factors`` (resize factor at each scale: box coordinates times the factor are
 coordinates on the resized image), ``scaled_sizes`` (``[S, 2]`` of ``[w, h]``), and
 ``conv_seconds`` / ``decode_seconds`` (that image's timings). The manifest's ``metrics["net"]``
@@ -175,13 +178,57 @@ def peak_memory_bytes(device: str) -> int:
 # items
 
 
+#: How a conv5 map is written. ``sparse``: the ReLU zeros as a bit mask, the non-zero values as
+#: one shuffled, gzip-1 compressed vector; ``dense``: the plain array. Both are lossless; the
+#: choice and its numbers are in bench/RESULTS.md (bench/bench_feature_storage.py): sparse takes
+#: 2.1x fewer bytes than dense float16 with a random full-width ZF-5 (46% zeros) and 5.2x with
+#: the demo's trained net (87% zeros), and reads faster than gzip of the dense array.
+STORAGES = ("sparse", "dense")
+
+
+def write_map(h5: h5py.File, name: str, fmap: np.ndarray, storage: str) -> None:
+    """Write one ``[C, H, W]`` map as ``name`` (a dataset when dense, a group when sparse)."""
+    if storage == "dense":
+        h5.create_dataset(name, data=fmap)
+        return
+    if storage != "sparse":
+        raise ValueError(f"features.storage = {storage!r}; use one of {', '.join(STORAGES)}")
+    nonzero = fmap != 0
+    group = h5.create_group(name)
+    group.attrs["shape"] = np.asarray(fmap.shape, dtype=np.int64)
+    group.create_dataset("mask", data=np.packbits(nonzero.reshape(-1)))
+    values = fmap[nonzero]
+    # A chunked dataset cannot be empty-shaped; an all-zero map keeps its values unfiltered.
+    filters = dict(chunks=values.shape, shuffle=True, compression="gzip", compression_opts=1) if values.size else {}
+    group.create_dataset("values", data=values, **filters)
+
+
+def map_shape(h5: h5py.File, name: str) -> tuple[int, int, int]:
+    """``(C, H, W)`` of a stored map, without reading it."""
+    node = h5[name]
+    return tuple(int(v) for v in (node.attrs["shape"] if isinstance(node, h5py.Group) else node.shape))
+
+
+def read_map(h5: h5py.File, name: str) -> np.ndarray:
+    """A stored map as written: ``[C, H, W]`` in the storage dtype."""
+    node = h5[name]
+    if not isinstance(node, h5py.Group):
+        return node[()]
+    shape = tuple(int(v) for v in node.attrs["shape"])
+    mask = np.unpackbits(node["mask"][()], count=int(np.prod(shape))).view(bool)
+    values = node["values"]
+    out = np.zeros(mask.size, dtype=values.dtype)
+    out[mask] = values[()]
+    return out.reshape(shape)
+
+
 def write_feature_item(h5: h5py.File, maps: Sequence[np.ndarray], width: int, height: int, scales: Sequence[int],
                        factors: Sequence[float], scaled_sizes: Sequence[Sequence[int]], conv_seconds: float,
-                       decode_seconds: float) -> None:
+                       decode_seconds: float, storage: str = "dense") -> None:
     """Fill one opened features item (schema in the module docstring); ``scaled_sizes`` are
     the ``[w, h]`` of the resized images."""
     for i, fmap in enumerate(maps):
-        h5.create_dataset(f"conv5_{i}", data=fmap)
+        write_map(h5, f"conv5_{i}", fmap, storage)
     h5.attrs["width"] = int(width)
     h5.attrs["height"] = int(height)
     h5.attrs["scales"] = np.asarray(scales, dtype=np.int64)
@@ -199,6 +246,7 @@ class FeatureItem:
         width, height: original image size (stored pixels).
         scales: target short sides; scale_factors: resize factor per scale;
         scaled_sizes: ``[S, 2]`` int ``[w, h]`` of the resized images;
+        map_shapes: ``(C, H_i, W_i)`` per scale;
         maps: ``[C, H_i, W_i]`` per scale in the stored dtype (empty if not loaded).
     """
 
@@ -207,18 +255,37 @@ class FeatureItem:
     scales: tuple[int, ...]
     scale_factors: tuple[float, ...]
     scaled_sizes: np.ndarray
+    map_shapes: tuple[tuple[int, int, int], ...]
     maps: tuple[np.ndarray, ...]
 
 
 def read_feature_item(path: Path, load_maps: bool = True) -> FeatureItem:
-    """Read ``items/<id>.h5`` of a features artifact."""
+    """Read ``items/<id>.h5`` of a features artifact (maps only if ``load_maps``)."""
     with h5py.File(path, "r") as f:
         scales = tuple(int(s) for s in f.attrs["scales"])
-        maps = tuple(f[f"conv5_{i}"][()] for i in range(len(scales))) if load_maps else ()
+        names = [f"conv5_{i}" for i in range(len(scales))]
+        maps = tuple(read_map(f, name) for name in names) if load_maps else ()
         return FeatureItem(width=int(f.attrs["width"]), height=int(f.attrs["height"]), scales=scales,
                            scale_factors=tuple(float(x) for x in f.attrs["scale_factors"]),
                            scaled_sizes=np.asarray(f.attrs["scaled_sizes"], dtype=np.int64).reshape(-1, 2),
-                           maps=maps)
+                           map_shapes=tuple(map_shape(f, name) for name in names), maps=maps)
+
+
+def read_scale_map(path: Path, scale_index: int) -> np.ndarray:
+    """The conv5 map of one scale of a features item, ``[C, H, W]`` in the storage dtype."""
+    with h5py.File(path, "r") as f:
+        return read_map(f, f"conv5_{int(scale_index)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureMaps:
+    """``maps(image_id, scale_index)``: the conv5 maps of a features artifact (a plain value,
+    so it travels to worker processes)."""
+
+    items_dir: Path
+
+    def __call__(self, image_id: str, scale_index: int) -> np.ndarray:
+        return read_scale_map(Path(self.items_dir) / f"{image_id}.h5", scale_index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +301,8 @@ def _check_params(features: FeatureParams) -> None:
         raise ValueError(f"features.scales must list positive short sides, got {features.scales!r}")
     if features.max_side < 1:
         raise ValueError(f"features.max_side must be positive, got {features.max_side}")
+    if features.storage not in STORAGES:
+        raise ValueError(f"features.storage = {features.storage!r}; use one of {', '.join(STORAGES)}")
 
 
 def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
@@ -274,7 +343,7 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
             maps.append(stored)
         sizes = [[int(image.shape[2]), int(image.shape[1])] for image in sample["images"]]
         write_item(out, sample["id"], maps, sample["width"], sample["height"], scales, sample["factors"], sizes,
-                   conv_seconds, sample["decode_seconds"])
+                   conv_seconds, sample["decode_seconds"], fp.storage)
     wall = time.perf_counter() - started
 
     means = item_means(out.items_dir, ids, ["conv_seconds", "decode_seconds"])
@@ -283,6 +352,7 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
         "scales": scales,
         "max_side": int(fp.max_side),
         "dtype": fp.dtype,
+        "storage": fp.storage,
         "autocast": fp.autocast,
         "conv_seconds_per_image": means["conv_seconds"],
         "decode_seconds_per_image": means["decode_seconds"],
@@ -297,7 +367,8 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
 
 def write_item(out: StageRun, image_id: str, maps: Sequence[np.ndarray], width: int, height: int,
                scales: Sequence[int], factors: Sequence[float], scaled_sizes: Sequence[Sequence[int]],
-               conv_seconds: float, decode_seconds: float) -> None:
+               conv_seconds: float, decode_seconds: float, storage: str) -> None:
     """Write one image's item atomically (a kill leaves no half-written item)."""
     with out.write_item(image_id) as h5:
-        write_feature_item(h5, maps, width, height, scales, factors, scaled_sizes, conv_seconds, decode_seconds)
+        write_feature_item(h5, maps, width, height, scales, factors, scaled_sizes, conv_seconds, decode_seconds,
+                           storage)

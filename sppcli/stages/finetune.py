@@ -11,10 +11,15 @@ after fc6 and fc7, ``lr`` for ``lr_step`` mini-batches and ``lr / 10`` after, ``
 mini-batches in all. Biases learn at twice the rate and without weight decay, as in the
 authors' Caffe definitions (``blobs_lr: 1, 2``; ``weight_decay: 1, 0``).
 
-Memory: only the selected windows' (image, row, label) triples are held for the whole split.
-Their pooled features are read from the pool items: all at once when they fit in
-``max_cache_bytes``, otherwise per chunk of mini-batches, grouped by image, with the next chunk
-read in a background thread while the current one trains. Both ways give the same result.
+Memory: only the selected windows' (image, row, label, scale, cells), about 27 bytes each, are
+held for the whole split (:class:`~sppcli.detector.windows.WindowSet`; ~75 MB for VOC 2007's
+~2.8M fine-tuning windows). Their pooled vectors
+(:class:`~sppcli.detector.pooled_features.PooledFeatures`) are made all at once when they fit in
+``max_cache_bytes`` (the demo), otherwise per chunk of up to 500 mini-batches (the release's data
+load), grouped by image so each image's conv5 map is read once per chunk, with the next chunk
+made in a background thread while the current one trains: two chunks of at most
+``max_cache_bytes / 2`` each, plus ``map_cache_bytes`` of maps kept in memory (the whole split's
+when they fit). Both ways give the same result.
 
 Resuming: every ``checkpoint_every`` mini-batches the head's weights, the optimizer state and the
 statistics so far are written atomically to ``resume.pt`` in the run directory (a dict of
@@ -51,9 +56,10 @@ from sppcli.nets.net_source import load_net_for_features
 from sppcli.nets.checkpoint import arch_of, save_checkpoint
 from sppcli.nets.heads import FcHead
 from sppcli.parallel import map_images, progress, resolve_device, single_torch_thread
+from sppcli.stages.pool import pooled_features_of
+from sppcli.detector.pooled_features import PooledFeatures
 from sppcli.detector.windows import (
     FinetuneSampler,
-    PooledFeatureReader,
     WindowSet,
     finetune_selection,
     read_pool_windows,
@@ -67,6 +73,7 @@ RESUME = "resume.pt"
 RESUME_FORMAT = "sppcli-finetune-resume"
 RESUME_VERSION = 1
 DEFAULT_MAX_CACHE_BYTES = 2 << 30
+DEFAULT_MAP_CACHE_BYTES = 6 << 30  # VOC 2007 trainval at one scale: ~6.0 GB of float16 maps
 # Mini-batches per request to the feature reader when every row is in memory: large enough to
 # keep the prefetch thread useful, small enough that the gathered copy stays small.
 IN_MEMORY_CHUNK = 8
@@ -89,8 +96,9 @@ class Inputs:
         image_ids: the training images, in dataset order.
         classes: class names, label order (fc8 output ``k + 1`` is ``classes[k]``).
         device: ``cpu`` or ``cuda[:N]``.
-        max_cache_bytes: memory the selected windows' features may take (the streaming reader
-            keeps two chunks within it).
+        max_cache_bytes: memory the selected windows' pooled vectors may take (streaming keeps
+            two chunks within it).
+        map_cache_bytes: memory the conv5 maps kept between chunks may take.
     """
 
     pool: Manifest
@@ -99,6 +107,7 @@ class Inputs:
     classes: tuple[str, ...]
     device: str = "cpu"
     max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES
+    map_cache_bytes: int = DEFAULT_MAP_CACHE_BYTES
     workers: int = 1
     scheduler: str | None = None
 
@@ -109,6 +118,7 @@ def inputs_for(planner, plan, upstream: Mapping[str, Manifest], options) -> Inpu
     return Inputs(pool=pool, features=upstream["features"], image_ids=tuple(dataset.ids),
                   classes=tuple(pool.metrics.get("classes") or dataset.classes),
                   device=resolve_device(options.device), max_cache_bytes=DEFAULT_MAX_CACHE_BYTES,
+                  map_cache_bytes=DEFAULT_MAP_CACHE_BYTES,
                   workers=options.workers, scheduler=options.scheduler)
 
 
@@ -135,25 +145,63 @@ def check_params(params: FinetuneParams) -> None:
 # window selection
 
 
-def select_image(path: str, fg_iou: float, bg_iou_low: float, num_classes: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fg rows, fg labels 1..K, bg rows) of one pool item; top level for process pools."""
+def select_image(path: str, fg_iou: float, bg_iou_low: float, num_classes: int) -> tuple[tuple, tuple]:
+    """Positive and negative windows of one pool item, each ``(rows, labels, scale_index,
+    cells)`` (labels 1..K for positives, 0 for negatives); top level for process pools."""
     windows = read_pool_windows(Path(path))
     if len(windows) and windows.overlaps.shape[1] != num_classes:
         raise ValueError(f"{path}: overlaps has {windows.overlaps.shape[1]} classes, expected {num_classes}")
     fg, labels, bg = finetune_selection(windows.overlaps, fg_iou, bg_iou_low)
-    return fg.astype(np.int32), labels.astype(np.int16), bg.astype(np.int32)
+    return ((fg, labels, windows.scale_index[fg], windows.cells[fg]),
+            (bg, np.zeros(len(bg), np.int16), windows.scale_index[bg], windows.cells[bg]))
 
 
 def select_windows(paths: Sequence[str], params: FinetuneParams, num_classes: int, workers: int = 1,
                    scheduler: str | None = None) -> tuple[WindowSet, WindowSet]:
-    """Positive and negative windows of the whole split (only indices and labels)."""
+    """Positive and negative windows of the whole split (where they are, not their vectors)."""
     fn = functools.partial(select_image, fg_iou=params.fg_iou, bg_iou_low=params.bg_iou_low,
                            num_classes=num_classes)
     per_image = map_images(fn, list(paths), workers=workers, scheduler=scheduler, desc="finetune: select")
-    positives = WindowSet.concat([(i, fg, labels) for i, (fg, labels, _) in enumerate(per_image)])
-    negatives = WindowSet.concat([(i, bg, np.zeros(len(bg), np.int16)) for i, (_, _, bg) in enumerate(per_image)])
+    positives = WindowSet.concat([(i, *fg) for i, (fg, _) in enumerate(per_image)])
+    negatives = WindowSet.concat([(i, *bg) for i, (_, bg) in enumerate(per_image)])
     return positives, negatives
+
+
+class SelectedFeatures:
+    """Pooled vectors of the selected windows (positives, then negatives) by index.
+
+    In memory when all of them fit in ``max_cache_bytes`` (made in one pass over the images),
+    otherwise made per request (:meth:`PooledFeatures.gather`). Both give the same rows.
+    """
+
+    def __init__(self, pooled: PooledFeatures, image_ids: Sequence[str], selected: WindowSet,
+                 max_cache_bytes: int, progress=None):
+        self.pooled = pooled
+        self.image_ids = list(image_ids)
+        self.selected = selected
+        self.row_bytes = pooled.row_bytes
+        self.cache: np.ndarray | None = None
+        if len(selected) * self.row_bytes <= max_cache_bytes:
+            self.cache = self._make(selected, progress)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.cache is not None
+
+    def _make(self, windows: WindowSet, progress=None) -> np.ndarray:
+        return self.pooled.gather(self.image_ids, windows.image, windows.row, windows.scale_index, windows.cells,
+                                  progress=progress)
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        """Rows ``[len(indices), D]`` (storage dtype) of the selected windows ``indices``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.cache is not None:
+            return self.cache[indices]
+        return self._make(self.selected.take(indices))
+
+    def chunk_batches(self, batch_rows: int, max_cache_bytes: int, limit: int = STREAMING_CHUNK_LIMIT) -> int:
+        """How many mini-batches of ``batch_rows`` rows fit in ``max_cache_bytes`` (1 to ``limit``)."""
+        return int(min(limit, max(1, max_cache_bytes // max(1, batch_rows * self.row_bytes))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,14 +301,14 @@ def load_resume(path: Path, key: str, head: FcHead, optimizer: torch.optim.Optim
     return iteration
 
 
-def _chunk(sampler: FinetuneSampler, reader: PooledFeatureReader, n_positive: int, start: int, stop: int):
+def _chunk(sampler: FinetuneSampler, reader: SelectedFeatures, n_positive: int, start: int, stop: int):
     """The mini-batches ``start..stop-1`` and their features, read in one request."""
     batches = [sampler.batch(i) for i in range(start, stop)]
     index = np.concatenate([np.concatenate([b.fg, n_positive + b.bg]) for b in batches])
     return batches, reader.get(index)
 
 
-def train(head: FcHead, reader: PooledFeatureReader, sampler: FinetuneSampler, params: FinetuneParams,
+def train(head: FcHead, reader: SelectedFeatures, sampler: FinetuneSampler, params: FinetuneParams,
           device: torch.device, resume_path: Path, key: str, max_cache_bytes: int
           ) -> tuple[np.ndarray, int]:
     """Run (or finish) the ``params.iterations`` mini-batches; returns (stats ``[iterations, 5]``
@@ -355,32 +403,29 @@ def finetuned_net(net, head: FcHead, pool_levels: Sequence[int]):
     return net
 
 
-def train_on_pool_items(head: FcHead, paths: Sequence[str], positives: WindowSet, negatives: WindowSet,
-                        sampler: FinetuneSampler, params: FinetuneParams, device: torch.device, out: StageRun,
-                        max_cache_bytes: int) -> tuple[np.ndarray, int, dict[str, Any]]:
-    """:func:`train` with the selected windows' features read from the pool items.
+def train_on_pool_items(head: FcHead, pooled: PooledFeatures, image_ids: Sequence[str], positives: WindowSet,
+                        negatives: WindowSet, sampler: FinetuneSampler, params: FinetuneParams, device: torch.device,
+                        out: StageRun, max_cache_bytes: int) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """:func:`train` on the selected windows' pooled vectors.
 
     Returns (stats, the iteration this run started from, ``{"in_memory", "cache_seconds",
     "train_seconds"}``).
     """
     t_read = time.perf_counter()
-    selected = WindowSet(np.concatenate([positives.image, negatives.image]),
-                         np.concatenate([positives.row, negatives.row]),
-                         np.concatenate([positives.label, negatives.label]))
-    with PooledFeatureReader(paths, selected, max_cache_bytes,
-                             progress=lambda it, total: progress(it, total=total, desc="finetune: cache")) as reader:
-        if reader.in_memory:
-            log.info("finetune: %d windows' features in memory (%.1f MB)", len(selected),
-                     len(selected) * reader.row_bytes / 1e6)
-        else:
-            log.info("finetune: %.1f GB of selected features exceed max_cache_bytes; streaming them from "
-                     "the pool items", len(selected) * reader.row_bytes / 1e9)
-        cache_seconds = time.perf_counter() - t_read
-        t_train = time.perf_counter()
-        stats, resumed_from = train(head, reader, sampler, params, device, out.dir / RESUME, out.key,
-                                    max_cache_bytes)
-        return stats, resumed_from, {"in_memory": reader.in_memory, "cache_seconds": cache_seconds,
-                                     "train_seconds": time.perf_counter() - t_train}
+    selected = WindowSet.join(positives, negatives)
+    reader = SelectedFeatures(pooled, image_ids, selected, max_cache_bytes,
+                              progress=lambda it, total: progress(it, total=total, desc="finetune: cache"))
+    if reader.in_memory:
+        log.info("finetune: %d windows' features in memory (%.1f MB)", len(selected),
+                 len(selected) * reader.row_bytes / 1e6)
+    else:
+        log.info("finetune: %.1f GB of selected features exceed max_cache_bytes; pooling them per chunk of "
+                 "mini-batches", len(selected) * reader.row_bytes / 1e9)
+    cache_seconds = time.perf_counter() - t_read
+    t_train = time.perf_counter()
+    stats, resumed_from = train(head, reader, sampler, params, device, out.dir / RESUME, out.key, max_cache_bytes)
+    return stats, resumed_from, {"in_memory": reader.in_memory, "cache_seconds": cache_seconds,
+                                 "train_seconds": time.perf_counter() - t_train, "map_reads": pooled.maps.reads}
 
 
 @single_torch_thread()  # small matrix work: a second OpenMP thread only waits on a busy core
@@ -407,8 +452,9 @@ def run(params: FinetuneParams, inputs: Inputs, out: StageRun) -> Manifest:
         torch.manual_seed(params.seed)
         head.new_fc8(len(classes) + 1, std=params.fc8_std)
     head.to(device)
-    stats, resumed_from, reading = train_on_pool_items(head, paths, positives, negatives, sampler, params, device,
-                                                       out, inputs.max_cache_bytes)
+    pooled = pooled_features_of(inputs.pool, inputs.features, map_cache_bytes=inputs.map_cache_bytes)
+    stats, resumed_from, reading = train_on_pool_items(head, pooled, inputs.image_ids, positives, negatives, sampler,
+                                                       params, device, out, inputs.max_cache_bytes)
 
     net = finetuned_net(net, head.cpu(), pool_levels)
     arch = arch_of(net)
@@ -430,6 +476,7 @@ def run(params: FinetuneParams, inputs: Inputs, out: StageRun) -> Manifest:
         "positives_per_batch": sampler.n_fg,
         "negatives_per_batch": sampler.n_bg,
         "features_in_memory": reading["in_memory"],
+        "map_reads": reading["map_reads"],
         "classes": classes,
         "labels": [BACKGROUND] + classes,
         "checkpoint": OUTPUT,

@@ -48,6 +48,7 @@ from sppcli.config import Config, SvmParams
 from sppcli.nets.heads import FC_LAYERS, detection_head, fc_features
 from sppcli.nets.net_source import load_net
 from sppcli.parallel import progress, resolve_device, single_torch_thread
+from sppcli.stages.pool import pooled_features_of
 from sppcli.detector.svm import (
     NoNegativesError,
     SvmModel,
@@ -56,6 +57,7 @@ from sppcli.detector.svm import (
     save_svms,
     train_class_svm,
 )
+from sppcli.detector.pooled_features import PooledFeatures
 from sppcli.detector.windows import mean_feature_norm, read_pool_windows, svm_negative_rows, svm_positive_rows
 
 Params = SvmParams
@@ -177,8 +179,8 @@ def head_record(params: SvmParams, inputs: Inputs) -> dict[str, Any]:
 # passes over the pool items
 
 
-def collect_positives(paths: Sequence[Path], num_classes: int, features: LayerFeatures, scale: float
-                      ) -> list[np.ndarray]:
+def collect_positives(paths: Sequence[Path], pooled: PooledFeatures, num_classes: int, features: LayerFeatures,
+                      scale: float) -> list[np.ndarray]:
     """Scaled layer features of every class's ground-truth windows: ``[P_c, D]`` per class."""
     per_class: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
     for path in progress(paths, total=len(paths), desc="svm: positives"):
@@ -186,7 +188,7 @@ def collect_positives(paths: Sequence[Path], num_classes: int, features: LayerFe
         gt_rows = np.flatnonzero(windows.is_gt)
         if gt_rows.size == 0:
             continue
-        feats = features(windows.read_features(gt_rows)) * np.float32(scale)
+        feats = features(pooled.window_rows(windows, gt_rows)) * np.float32(scale)
         for c in range(num_classes):
             rows = svm_positive_rows(windows.is_gt[gt_rows], windows.gt_label[gt_rows], c)
             if rows.size:
@@ -320,8 +322,8 @@ def train_all_classes(positives: Sequence[np.ndarray], negative_batches: Iterato
     return results
 
 
-def mining_batches(paths: Sequence[Path], num_classes: int, features: LayerFeatures, scale: float,
-                   params: SvmParams, counts: list[int]) -> Iterator[list[np.ndarray]]:
+def mining_batches(paths: Sequence[Path], pooled: PooledFeatures, num_classes: int, features: LayerFeatures,
+                   scale: float, params: SvmParams, counts: list[int]) -> Iterator[list[np.ndarray]]:
     """Per image, every class's scaled, deduplicated negatives (features computed once per
     image, then handed to every class).
 
@@ -333,7 +335,7 @@ def mining_batches(paths: Sequence[Path], num_classes: int, features: LayerFeatu
         needed = np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
         feats = np.zeros((0, features.dim), np.float32)
         if needed.size:
-            feats = features(windows.read_features(needed)) * np.float32(scale)
+            feats = features(pooled.window_rows(windows, needed)) * np.float32(scale)
         # Classes absent from the image share one negative set: hand them one array (the
         # trainers only read it) rather than a copy each.
         shared: dict[bytes, np.ndarray] = {}
@@ -356,13 +358,14 @@ def run(params: SvmParams, inputs: Inputs, out: StageRun) -> Manifest:
 
     head = head_record(params, inputs)
     layer_features = LayerFeatures.from_record(head, inputs.device)
-    mean_norm, n_norm = mean_feature_norm(paths, layer_features,
+    pooled = pooled_features_of(inputs.pool, inputs.features)
+    mean_norm, n_norm = mean_feature_norm(paths, pooled, layer_features,
                                           progress=lambda it, total: progress(it, total=total, desc="svm: norms"))
     scale = feature_scale(mean_norm, params.target_norm)
     log.info("svm: layer %s, mean feature norm %.3f over %d windows, scale %.5g", params.layer, mean_norm,
              n_norm, scale)
 
-    positives = collect_positives(paths, len(classes), layer_features, scale)
+    positives = collect_positives(paths, pooled, len(classes), layer_features, scale)
     dim = layer_features.dim
     skipped = [{"class": classes[c], "reason": "no positives"} for c, p in enumerate(positives) if len(p) == 0]
     for entry in skipped:
@@ -377,7 +380,7 @@ def run(params: SvmParams, inputs: Inputs, out: StageRun) -> Manifest:
     offered = [0] * len(classes)
     t_mine = time.perf_counter()
     results = train_all_classes(
-        positives, mining_batches(paths, len(classes), layer_features, scale, params, offered), params,
+        positives, mining_batches(paths, pooled, len(classes), layer_features, scale, params, offered), params,
         classes, lambda name, line: log.info("svm %s: %s", name, line))
     mining_seconds = time.perf_counter() - t_mine
 

@@ -7,7 +7,6 @@ import pytest
 
 from sppcli.detector.windows import (
     FinetuneSampler,
-    PooledFeatureReader,
     WindowSet,
     batch_counts,
     finetune_selection,
@@ -76,8 +75,8 @@ def test_regression_selection():
 
 
 def _sets(n_fg, n_bg):
-    fg = WindowSet(np.zeros(n_fg, np.int32), np.arange(n_fg, dtype=np.int32), np.arange(n_fg, dtype=np.int16) % 3 + 1)
-    bg = WindowSet(np.zeros(n_bg, np.int32), np.arange(n_bg, dtype=np.int32), np.zeros(n_bg, np.int16))
+    fg = WindowSet.concat([(0, np.arange(n_fg), np.arange(n_fg) % 3 + 1, np.zeros(n_fg), np.zeros((n_fg, 4)))])
+    bg = WindowSet.concat([(0, np.arange(n_bg), np.zeros(n_bg), np.zeros(n_bg), np.zeros((n_bg, 4)))])
     return fg, bg
 
 
@@ -144,35 +143,26 @@ def _write_item(path, n, k, dim, seed, n_gt=2):
     return features
 
 
-def test_read_pool_windows_and_feature_rows(tmp_path):
+def test_read_pool_windows_and_stored_feature_rows(tmp_path):
     features = _write_item(tmp_path / "a.h5", 40, 3, 5, seed=1)
     item = read_pool_windows(tmp_path / "a.h5")
     assert item.image_id == "a" and len(item) == 40 and item.overlaps.shape == (40, 3)
     assert (item.width, item.height) == (64, 48) and item.is_gt.sum() == 2
-    for rows in ([3, 1, 1, 39, 0], [7, 8, 9, 8], [], list(range(40))):
-        np.testing.assert_array_equal(item.read_features(np.array(rows, dtype=np.int64)), features[rows])
-    np.testing.assert_array_equal(item.read_features(), features)
+    assert item.cells.shape == (40, 4) and item.scale_index.dtype == np.int8
     with h5py.File(tmp_path / "a.h5", "r") as f:
+        for rows in ([3, 1, 1, 39, 0], [7, 8, 9, 8], [], list(range(40))):
+            np.testing.assert_array_equal(read_feature_rows(f["features"], np.array(rows, dtype=np.int64)),
+                                          features[rows])
+        np.testing.assert_array_equal(read_feature_rows(f["features"]), features)
         assert read_feature_rows(f["features"], np.array([5, 2])).dtype == np.float16
     assert read_pool_windows(tmp_path / "a.h5", "named").image_id == "named"
 
 
-@pytest.mark.parametrize("max_cache_bytes", [10**9, 0])
-def test_feature_reader_modes_agree(tmp_path, max_cache_bytes):
-    paths, feats = [], []
-    for i in range(4):
-        paths.append(tmp_path / f"{i}.h5")
-        feats.append(_write_item(paths[-1], 30 + i, 2, 6, seed=i))
-    rng = np.random.default_rng(0)
-    parts = [(i, np.sort(rng.choice(30, 10, replace=False)), np.ones(10)) for i in range(4)]
-    windows = WindowSet.concat(parts)
-    with PooledFeatureReader(paths, windows, max_cache_bytes, max_open_files=2) as reader:
-        assert reader.in_memory == (max_cache_bytes > 0)
-        request = rng.integers(0, len(windows), 50)
-        got = reader.get(request)
-        want = np.stack([feats[windows.image[j]][windows.row[j]] for j in request])
-        np.testing.assert_array_equal(got, want)
-        assert len(reader._open) <= 2
-        assert reader.chunk_batches(8, max_cache_bytes=8 * 6 * 2 * 3 + 5) == 3  # float16 rows of 6
-        assert reader.chunk_batches(8, max_cache_bytes=0) == 1
-        assert reader.chunk_batches(8, max_cache_bytes=10**9, limit=7) == 7
+def test_window_set_take_and_join():
+    a = WindowSet.concat([(0, [1, 2], [3, 3], [0, 1], [[0, 0, 1, 1], [1, 1, 2, 2]])])
+    b = WindowSet.concat([(4, [7], [0], [1], [[2, 2, 3, 3]])])
+    both = WindowSet.join(a, b)
+    assert len(both) == 3 and both.image.tolist() == [0, 0, 4] and both.cells[2].tolist() == [2, 2, 3, 3]
+    picked = both.take([2, 0])
+    assert picked.row.tolist() == [7, 1] and picked.scale_index.tolist() == [1, 0]
+    assert len(WindowSet.concat([])) == 0 and WindowSet.concat([]).cells.shape == (0, 4)

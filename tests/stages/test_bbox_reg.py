@@ -6,10 +6,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from sppcli.detector.bbox_reg import fit_ridge_regressors, load_regressor
+from sppcli.ops.spp_pool import spp_pool_reference
 from sppcli.pipeline import RunOptions, run_stage
 from sppcli.stages import bbox_reg
+from sppcli.stages.features import read_feature_item
 from tests.stages.test_finetune import planner_for, pool_manifest, tiny_upstream
 from tests.reference import iou_loop
 
@@ -21,15 +24,20 @@ def cache(tmp_path_factory, tiny_devkit, tiny_weights) -> Path:
     return tiny_upstream(tmp_path_factory, tiny_devkit, tiny_weights)
 
 
-def _reference_windows(paths, min_iou):
-    """Slow loop over the raw items: each window's best ground truth by float64 IoU."""
+def _reference_windows(paths, feature_paths, min_iou):
+    """Slow loop over the raw items: each window pooled from its conv5 map by the per-window
+    reference, its best ground truth by float64 IoU."""
     feats, boxes, gts, labels, norms = [], [], [], [], []
-    for path in paths:
+    for path, feature_path in zip(paths, feature_paths):
         with h5py.File(path, "r") as f:
             item_boxes = f["boxes"][()].astype(np.float64)
-            item_feats = f["features"][()]
+            cells, scale = f["cells"][()], f["scale_index"][()]
             gt_boxes = f["gt_boxes"][()].astype(np.float64)
             gt_labels = f["gt_labels"][()]
+        maps = read_feature_item(feature_path).maps
+        item_feats = np.stack([spp_pool_reference(torch.from_numpy(maps[s].astype(np.float64)),
+                                                  torch.from_numpy(c[None]).long())[0].numpy()
+                               for c, s in zip(cells, scale)]).astype(np.float16)
         for i, box in enumerate(item_boxes):
             norms.append(np.linalg.norm(item_feats[i].astype(np.float64)))
             if len(gt_boxes) == 0:
@@ -50,8 +58,10 @@ def test_regressors_match_a_reference_built_from_the_raw_items(cache, tiny_devki
     assert ran
     m = manifest.metrics
     pool = pool_manifest(planner)
-    paths = [pool.item_path(i) for i in planner.dataset("trainval").ids]
-    feats, boxes, gts, labels, mean_norm = _reference_windows(paths, 0.5)
+    ids = planner.dataset("trainval").ids
+    features = planner.store.manifest("features", pool.dataset, pool.upstream["features"])
+    feats, boxes, gts, labels, mean_norm = _reference_windows([pool.item_path(i) for i in ids],
+                                                              [features.item_path(i) for i in ids], 0.5)
     # 8 images of < 200 windows: the norm sample is every window
     assert m["mean_norm"] == pytest.approx(mean_norm, rel=1e-6)
     assert m["feature_scale"] == pytest.approx(20.0 / mean_norm, rel=1e-6)

@@ -28,7 +28,7 @@ def run_features(cache: Path, config, split="trainval", options=CPU, force=False
 
 def read_maps(manifest, image_id) -> list[np.ndarray]:
     with h5py.File(manifest.item_path(image_id), "r") as f:
-        return [f[f"conv5_{i}"][()] for i in range(len(f.attrs["scales"]))]
+        return [features.read_map(f, f"conv5_{i}") for i in range(len(f.attrs["scales"]))]
 
 
 def all_maps(manifest, ids) -> dict[str, list[np.ndarray]]:
@@ -81,13 +81,46 @@ def test_maps_are_the_trunks_conv5_of_the_resized_image(devkit_case, tiny_weight
                 pil = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR), dtype=np.int16)
                 ours = features.scale_image(image, [scale], 400)[0][0].permute(1, 2, 0).numpy().astype(np.int16)
                 assert np.abs(pil - ours).max() <= 2 and np.abs(pil - ours).mean() < 0.5
-                stored = f[f"conv5_{i}"][()]
+                stored = features.read_map(f, f"conv5_{i}")
                 assert stored.dtype == np.float32
                 with torch.no_grad():
                     expected = net.features(preprocess(ours.astype(np.uint8))[None])[0].numpy()
                 assert stored.shape == expected.shape == (net.trunk.out_channels,
                                                           *net.trunk.feature_map_size(new_h, new_w))
                 np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_and_dense_storage_hold_the_same_maps(tiny_devkit, tiny_weights, tmp_path):
+    sparse, _ = run_features(tmp_path / "c", tiny_config(tiny_devkit, tiny_weights))
+    dense, _ = run_features(tmp_path / "c", tiny_config(tiny_devkit, tiny_weights, 'features.storage="dense"'))
+    assert sparse.params["features"]["storage"] == "sparse" and sparse.key != dense.key
+    ids = Planner(ArtifactStore(tmp_path / "c"), tiny_config(tiny_devkit, tiny_weights)).dataset("trainval").ids
+    zeros = 0.0
+    for image_id in ids:
+        maps = read_maps(sparse, image_id)
+        for a, b in zip(maps, read_maps(dense, image_id)):
+            assert a.dtype == b.dtype == np.float16 and a.tobytes() == b.tobytes()
+            zeros += float(np.mean(a == 0)) / len(ids) / len(maps)
+        with h5py.File(sparse.item_path(image_id), "r") as f:
+            assert isinstance(f["conv5_0"], h5py.Group) and features.map_shape(f, "conv5_0") == maps[0].shape
+    assert zeros > 0.3  # ReLU maps (bytes at real map sizes: bench/bench_feature_storage.py)
+
+
+def test_map_encoding_round_trips_edge_cases(tmp_path):
+    cases = [np.zeros((3, 4, 5), np.float16), np.ones((2, 1, 1), np.float32),
+             np.array([[[0, -0.0, 1e-8, -3]]], np.float32), np.zeros((4, 0, 3), np.float16)]
+    with h5py.File(tmp_path / "m.h5", "w") as f:
+        for i, m in enumerate(cases):
+            features.write_map(f, f"s{i}", m, "sparse")
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        for i, m in enumerate(cases):
+            back = features.read_map(f, f"s{i}")
+            assert back.dtype == m.dtype and back.shape == m.shape
+            # -0.0 is stored as a zero: it compares equal, and pooled maxima are unchanged
+            assert np.array_equal(back, m) and features.map_shape(f, f"s{i}") == m.shape
+    with pytest.raises(ValueError, match="features.storage"):
+        with h5py.File(tmp_path / "x.h5", "w") as f:
+            features.write_map(f, "m", cases[0], "zip")
 
 
 def test_float16_storage_is_close_to_float32(tiny_devkit, tiny_weights, tmp_path):

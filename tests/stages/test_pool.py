@@ -1,4 +1,4 @@
-"""Stage "pool": windows (ground truth + proposals) pooled on their best scale's conv5 map."""
+"""Stage "pool": window tables (ground truth + proposals on their best scale), and their pooled rows."""
 from __future__ import annotations
 
 import math
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sppcli.artifacts import ArtifactStore
+from sppcli.detector.windows import read_pool_windows
 from sppcli.ops.geometry import window_to_cells
 from sppcli.ops.spp_pool import spp_pool_reference
 from sppcli.pipeline import Planner, RunOptions, run_stage
@@ -65,8 +66,9 @@ def read_item(path: Path) -> dict:
         return {**{k: f[k][()] for k in f}, **{f"@{k}": v for k, v in f.attrs.items()}}
 
 
-def check_item(item: dict, gt, proposals: np.ndarray, feature_item, geometry, num_classes: int) -> None:
-    """Every field of one pool item against hand-made expectations."""
+def check_item(item: dict, pooled: np.ndarray, gt, proposals: np.ndarray, feature_item, geometry,
+               num_classes: int) -> None:
+    """Every field of one pool item, and its windows' pooled rows, against hand-made expectations."""
     num_gt = len(gt)
     boxes = item["boxes"]
     assert boxes.dtype == np.float32
@@ -103,13 +105,13 @@ def check_item(item: dict, gt, proposals: np.ndarray, feature_item, geometry, nu
         cells = window_to_cells(torch.from_numpy(boxes[r:r + 1].astype(np.float64)) * factors[scale], geometry,
                                 fmap.shape[1], fmap.shape[2])
         assert item["cells"][r].tolist() == cells[0].tolist()
-        expected = spp_pool_reference(fmap, cells, LEVELS)[0].numpy().astype(item["features"].dtype)
-        np.testing.assert_array_equal(item["features"][r], expected)
+        expected = spp_pool_reference(fmap, cells, LEVELS)[0].numpy().astype(pooled.dtype)
+        np.testing.assert_array_equal(pooled[r], expected)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_pool_items_match_references(tiny_devkit, tiny_weights, tmp_path, dtype):
-    config = tiny_config(tiny_devkit, tiny_weights, SCALES, f"pool.dtype={dtype}")
+@pytest.mark.parametrize("dtype,store", [("float16", False), ("float32", False), ("float16", True)])
+def test_pool_items_match_references(tiny_devkit, tiny_weights, tmp_path, dtype, store):
+    config = tiny_config(tiny_devkit, tiny_weights, SCALES, f"pool.dtype={dtype}", f"pool.store_features={str(store).lower()}")
     planner, manifest, ran = pipeline(tmp_path / "c", config)
     assert ran and manifest.complete
     dataset = planner.dataset("trainval")
@@ -121,14 +123,17 @@ def test_pool_items_match_references(tiny_devkit, tiny_weights, tmp_path, dtype)
     assert manifest.metrics["pool_seconds_per_image"] > 0 and manifest.metrics["bytes_per_image"] > 0
     assert all(f > 0 for f in manifest.metrics["scale_fractions"])  # both scales are used
     geometry = pool.geometry_of(feats)
+    reader = pool.pooled_features_of(manifest, feats)
+    assert reader.stored == store and manifest.metrics["store_features"] == store
     total = 0
     for image_id in dataset.ids:
         item = read_item(manifest.item_path(image_id))
         with h5py.File(props.item_path(image_id), "r") as f:
             proposals = f["boxes"][()]
-        assert item["features"].dtype == np.dtype(dtype)
-        assert item["features"].shape == (len(item["boxes"]), channels * 50)
-        check_item(item, dataset.ground_truth(image_id), proposals,
+        pooled = reader.window_rows(read_pool_windows(manifest.item_path(image_id)))
+        assert ("features" in item) == store
+        assert pooled.dtype == np.dtype(dtype) and pooled.shape == (len(item["boxes"]), channels * 50)
+        check_item(item, pooled, dataset.ground_truth(image_id), proposals,
                    features.read_feature_item(feats.item_path(image_id)), geometry, len(dataset.classes))
         total += len(item["boxes"])
     assert manifest.metrics["windows"] == total
@@ -152,7 +157,8 @@ def test_image_without_ground_truth_or_proposals(tiny_devkit, tiny_weights, tmp_
                        item_path=str(tmp_path / "item.h5"), gt_boxes=np.zeros((0, 4), np.float32),
                        gt_labels=np.zeros(0, np.int16), gt_difficult=np.zeros(0, bool))
     threads = torch.get_num_threads()
-    summary = pool.pool_image(job, levels=LEVELS, dtype="float16", geometry=pool.geometry_of(feats), num_classes=8)
+    summary = pool.pool_image(job, levels=LEVELS, dtype="float16", geometry=pool.geometry_of(feats), num_classes=8,
+                              store_features=True)
     assert summary["boxes"] == 0 and torch.get_num_threads() == threads
     item = read_item(tmp_path / "item.h5")
     channels = feats.metrics["net"]["channels"]
@@ -220,11 +226,13 @@ def test_elephants(elephants_devkit, tiny_weights, tmp_path):
     assert manifest.metrics["classes"] == ["elephant"] and manifest.n_items == len(dataset)
     feats = planner.store.manifest("features", manifest.dataset, manifest.upstream["features"])
     props = planner.store.manifest("proposals", manifest.dataset, manifest.upstream["proposals"])
+    reader = pool.pooled_features_of(manifest, feats)
     for image_id in dataset.ids:
         item = read_item(manifest.item_path(image_id))
+        pooled = reader.window_rows(read_pool_windows(manifest.item_path(image_id)))
         gt = dataset.ground_truth(image_id)
         assert len(gt) > 0 and (item["@width"], item["@height"]) == (gt.width, gt.height)
         with h5py.File(props.item_path(image_id), "r") as f:
             proposals = f["boxes"][()]
-        check_item(item, gt, proposals, features.read_feature_item(feats.item_path(image_id)),
+        check_item(item, pooled, gt, proposals, features.read_feature_item(feats.item_path(image_id)),
                    pool.geometry_of(feats), 1)

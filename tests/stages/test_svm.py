@@ -8,6 +8,7 @@ import pytest
 
 from sppcli.pipeline import RunOptions, run_stage
 from sppcli.stages import finetune, svm
+from sppcli.stages.pool import pooled_features_of
 from sppcli.detector.svm import SvmParams, load_svms, train_class_svm
 from sppcli.detector.windows import read_pool_windows
 from tests.stages.test_finetune import planner_for, pool_manifest, tiny_upstream
@@ -115,10 +116,12 @@ def test_fc7_on_the_finetuned_head(cache, tiny_devkit, tiny_weights):
     by_hand = detection_head(net, head["pool_levels"])
     layer = svm.for_svm(manifest)
     pool = pool_manifest(planner)
+    pooled = pooled_features_of(pool, planner.store.manifest("features", pool.dataset, pool.upstream["features"]))
     for image_id in planner.dataset("trainval").ids[:3]:
         windows = read_pool_windows(pool.item_path(image_id))
-        feats = layer(windows.read_features()) * scale
-        np.testing.assert_array_equal(feats, fc_features(by_hand, windows.read_features(), "fc7") * scale)
+        rows = pooled.window_rows(windows)
+        feats = layer(rows) * scale
+        np.testing.assert_array_equal(feats, fc_features(by_hand, rows, "fc7") * scale)
         for g in np.flatnonzero(windows.is_gt):
             name = names[windows.gt_label[g]]
             scores = feats @ models[name].w + models[name].b
