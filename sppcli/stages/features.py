@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import resource
 import sys
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from sppcli.artifacts import Manifest, StageRun, item_means
+from sppcli.artifacts import Manifest, StageRun, atomic_path, item_means
 from sppcli.config import STORAGE_DTYPES, Config, FeatureParams, NetParams
 from sppcli.nets.net_source import NetSource, load_source, net_record, resolve_net_source
 from sppcli.nets.sppnet import normalize
@@ -62,18 +63,20 @@ def params_from(config: Config) -> Params:
 
 @dataclasses.dataclass(frozen=True)
 class Inputs:
-    """dataset: the split (a :class:`~sppcli.data.voc.VocDataset`); source: the weights file."""
+    """dataset: the split (a :class:`~sppcli.data.voc.VocDataset`); source: the weights file;
+    workers: DataLoader processes decoding images; scheduler: a Dask cluster to run on instead."""
 
     dataset: Any
     source: NetSource
     device: str = "cpu"
     workers: int = 1
+    scheduler: str | None = None
 
 
 def inputs_for(planner, plan, upstream: Mapping[str, Manifest], options) -> Inputs:
     source = resolve_net_source(planner.config.features.weights, upstream.get("pretrain"))
     return Inputs(dataset=planner.dataset(plan.split), source=source, device=resolve_device(options.device),
-                  workers=max(0, int(options.workers)))
+                  workers=max(0, int(options.workers)), scheduler=options.scheduler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +308,91 @@ def _check_params(features: FeatureParams) -> None:
         raise ValueError(f"features.storage = {features.storage!r}; use one of {', '.join(STORAGES)}")
 
 
+def image_maps(trunk: torch.nn.Module, image_id: str, images: Sequence[torch.Tensor], scales: Sequence[int],
+               fp: FeatureParams, device: str, trunk_name: str) -> tuple[list[np.ndarray], float]:
+    """Stored conv5 maps (``fp.dtype``) of one image's scaled versions, and the forward seconds."""
+    maps, conv_seconds = [], 0.0
+    for scale, image in zip(scales, images):
+        map_h, map_w = trunk.feature_map_size(int(image.shape[1]), int(image.shape[2]))
+        if map_h < 1 or map_w < 1:
+            raise ValueError(f"image {image_id} at scale {scale} ({image.shape[2]} x {image.shape[1]}) is "
+                             f"too small for the {trunk_name} trunk; use larger features.scales")
+        fmap, seconds = conv5_map(trunk, image, device, fp.autocast)
+        conv_seconds += seconds
+        # Cast on the device: half the bytes to copy back for float16 storage.
+        stored = fmap.to(getattr(torch, fp.dtype)).cpu().numpy()
+        if not np.isfinite(stored).all():
+            raise ValueError(f"image {image_id} scale {scale}: conv5 values overflow {fp.dtype}; "
+                             "set features.dtype=float32")
+        maps.append(stored)
+    return maps, conv_seconds
+
+
+def _write_sample(path: Path, sample: dict, maps: Sequence[np.ndarray], scales: Sequence[int], conv_seconds: float,
+                  storage: str) -> None:
+    sizes = [[int(image.shape[2]), int(image.shape[1])] for image in sample["images"]]
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as h5:
+            write_feature_item(h5, maps, sample["width"], sample["height"], scales, sample["factors"], sizes,
+                               conv_seconds, sample["decode_seconds"], storage)
+
+
+# ---------------------------------------------------------------------------------------------
+# on a Dask cluster: one task stream per worker (start GPU workers with --nthreads 1, one per GPU)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractJob:
+    """A few images for one cluster task: everything a worker needs, as plain values."""
+
+    source: NetSource
+    net: NetParams
+    features: FeatureParams
+    device: str
+    images: tuple[tuple[str, str, str], ...]  # (image id, image path, item path)
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_trunk(source: NetSource, net: NetParams, device: str) -> tuple[torch.nn.Module, str]:
+    # Each worker process loads the net once, on its first task, and keeps it for the next ones.
+    model, arch = load_source(source, net, map_location=device)
+    return model.trunk.eval(), arch["trunk"]
+
+
+def extract_job(job: ExtractJob) -> list[str]:
+    """Decode, scale and run the net on the job's images, writing each item; returns the ids."""
+    from sppcli.data.voc import load_rgb
+
+    trunk, trunk_name = _worker_trunk(job.source, job.net, job.device)
+    scales = [int(s) for s in job.features.scales]
+    done = []
+    for image_id, image_path, item_path in job.images:
+        started = time.perf_counter()
+        image = load_rgb(Path(image_path))
+        images, factors = scale_image(image, scales, job.features.max_side)
+        sample = {"id": image_id, "width": int(image.shape[1]), "height": int(image.shape[0]), "images": images,
+                  "factors": factors, "decode_seconds": time.perf_counter() - started}
+        maps, conv_seconds = image_maps(trunk, image_id, images, scales, job.features, job.device, trunk_name)
+        _write_sample(Path(item_path), sample, maps, scales, conv_seconds, job.features.storage)
+        done.append(image_id)
+    return done
+
+
+# Images per cluster task: small enough to balance the load over workers, large enough that the
+# scheduler's per-task overhead is noise beside a few forward passes.
+IMAGES_PER_TASK = 8
+
+
+def _extract_on_cluster(params: Params, inputs: Inputs, out: StageRun, pending: Sequence[str]) -> None:
+    from sppcli.parallel import map_images
+
+    dataset = inputs.dataset
+    triples = [(i, str(dataset.image_path(i)), str(out.item_path(i))) for i in pending]
+    jobs = [ExtractJob(inputs.source, params.net, params.features, inputs.device,
+                       tuple(triples[k:k + IMAGES_PER_TASK])) for k in range(0, len(triples), IMAGES_PER_TASK)]
+    map_images(extract_job, jobs, scheduler=inputs.scheduler, desc="features", unit="task")
+
+
 def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     fp = params.features
     _check_params(fp)
@@ -316,34 +404,22 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     net, arch = load_source(inputs.source, params.net, map_location=device)
     trunk = net.trunk.eval()
     record = net_record(inputs.source, net, arch)
-    log.info("features: %d of %d images to do, scales %s, %s trunk (%d channels, stride %d) from %s, device %s",
+    log.info("features: %d of %d images to do, scales %s, %s trunk (%d channels, stride %d) from %s, device %s%s",
              len(pending), len(ids), scales, arch["trunk"], record["channels"], record["stride"],
-             inputs.source.path, device)
+             inputs.source.path, device, f", on {inputs.scheduler}" if inputs.scheduler else "")
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    loader = DataLoader(ScaledImages(inputs.dataset, pending, scales, fp.max_side), batch_size=None,
-                        shuffle=False, num_workers=inputs.workers,
-                        pin_memory=torch.device(device).type == "cuda")
     started = time.perf_counter()
-    for sample in progress(loader, total=len(pending), desc="features", unit="img"):
-        maps, conv_seconds = [], 0.0
-        for scale, image in zip(scales, sample["images"]):
-            map_h, map_w = trunk.feature_map_size(int(image.shape[1]), int(image.shape[2]))
-            if map_h < 1 or map_w < 1:
-                raise ValueError(f"image {sample['id']} at scale {scale} ({image.shape[2]} x {image.shape[1]}) is "
-                                 f"too small for the {arch['trunk']} trunk; use larger features.scales")
-            fmap, seconds = conv5_map(trunk, image, device, fp.autocast)
-            conv_seconds += seconds
-            # Cast on the device: half the bytes to copy back for float16 storage.
-            stored = fmap.to(getattr(torch, fp.dtype)).cpu().numpy()
-            if not np.isfinite(stored).all():
-                raise ValueError(f"image {sample['id']} scale {scale}: conv5 values overflow {fp.dtype}; "
-                                 "set features.dtype=float32")
-            maps.append(stored)
-        sizes = [[int(image.shape[2]), int(image.shape[1])] for image in sample["images"]]
-        write_item(out, sample["id"], maps, sample["width"], sample["height"], scales, sample["factors"], sizes,
-                   conv_seconds, sample["decode_seconds"], fp.storage)
+    if inputs.scheduler:
+        _extract_on_cluster(params, inputs, out, pending)
+    else:
+        loader = DataLoader(ScaledImages(inputs.dataset, pending, scales, fp.max_side), batch_size=None,
+                            shuffle=False, num_workers=inputs.workers,
+                            pin_memory=torch.device(device).type == "cuda")
+        for sample in progress(loader, total=len(pending), desc="features", unit="img"):
+            maps, conv_seconds = image_maps(trunk, sample["id"], sample["images"], scales, fp, device, arch["trunk"])
+            write_item(out, sample, maps, scales, conv_seconds, fp.storage)
     wall = time.perf_counter() - started
 
     means = item_means(out.items_dir, ids, ["conv_seconds", "decode_seconds"])
@@ -365,10 +441,7 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     return out.finish(metrics=metrics, timings={"extract_seconds": round(wall, 3)}, n_items=len(ids), device=device)
 
 
-def write_item(out: StageRun, image_id: str, maps: Sequence[np.ndarray], width: int, height: int,
-               scales: Sequence[int], factors: Sequence[float], scaled_sizes: Sequence[Sequence[int]],
-               conv_seconds: float, decode_seconds: float, storage: str) -> None:
+def write_item(out: StageRun, sample: dict, maps: Sequence[np.ndarray], scales: Sequence[int], conv_seconds: float,
+               storage: str) -> None:
     """Write one image's item atomically (a kill leaves no half-written item)."""
-    with out.write_item(image_id) as h5:
-        write_feature_item(h5, maps, width, height, scales, factors, scaled_sizes, conv_seconds, decode_seconds,
-                           storage)
+    _write_sample(out.item_path(sample["id"]), sample, maps, scales, conv_seconds, storage)

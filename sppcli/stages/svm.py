@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from sppcli.artifacts import Manifest, StageRun
-from sppcli.config import Config, SvmParams
+from sppcli.config import STORAGE_DTYPES, Config, SvmParams
 from sppcli.nets.heads import FC_LAYERS, detection_head, fc_features
 from sppcli.nets.net_source import load_net
 from sppcli.parallel import progress, resolve_device, single_torch_thread
@@ -108,6 +108,8 @@ def check_params(params: SvmParams) -> None:
         raise ValueError("svm.neg_iou and svm.neg_dedup_iou must be in (0, 1]")
     if params.retrain_limit < 0:
         raise ValueError(f"svm.retrain_limit must be >= 0, got {params.retrain_limit}")
+    if params.cache_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"svm.cache_dtype = {params.cache_dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,6 +410,11 @@ def run(params: SvmParams, inputs: Inputs, out: StageRun) -> Manifest:
         "skipped_classes": skipped,
         "positives": {classes[c]: int(len(p)) for c, p in enumerate(positives)},
         "negatives_offered": {classes[c]: int(n) for c, n in enumerate(offered)},
+        # The most negatives a class's cache held at a retrain, and the caches' memory had every
+        # class peaked at once: an upper bound on what mining held.
+        "cache_peak_windows": {name: max((h["n_cache"] for h in hist), default=0) for name, hist in history.items()},
+        "cache_bound_bytes": int(sum(max((h["n_cache"] for h in hist), default=0) for hist in history.values())
+                                 * dim * np.dtype(params.cache_dtype).itemsize),
         "history": history,
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -22,16 +22,22 @@ def _targets(src, dst):
     return bbox_deltas(torch.from_numpy(src), torch.from_numpy(dst)).numpy()
 
 
-def test_matches_the_release_closed_form_with_penalised_bias():
+@pytest.mark.parametrize("max_design_bytes", [2 << 30, 0])  # whole matrix; normal equations in chunks
+def test_matches_the_release_closed_form_with_penalised_bias(max_design_bytes, monkeypatch):
     # Reference: spp_train_bbox_regressor.m's ridge_reg_chol on [X*scale, 1] and centred targets,
     # beta = (A'A + lambda I)^-1 A'(Y - mu), solved here with numpy in float64.
+    import sppcli.detector.bbox_reg as module
+
+    real_chunked = module._ridge_chunked
+    monkeypatch.setattr(module, "_ridge_chunked", lambda *a: real_chunked(*a, chunk=17))  # several chunks
     rng = np.random.default_rng(0)
     n, dim, scale, lam = 120, 7, 2.5, 40.0
     gt = _boxes(rng, n)
     proposals = _move(gt, 0.08 * rng.standard_normal((n, 4)))
     features = rng.standard_normal((n, dim)).astype(np.float32)
     labels = np.zeros(n, dtype=np.int64)
-    regressor = fit_ridge_regressors(features, proposals, gt, labels, n_classes=1, lam=lam, feature_scale=scale)
+    regressor = fit_ridge_regressors(features, proposals, gt, labels, n_classes=1, lam=lam, feature_scale=scale,
+                                     max_design_bytes=max_design_bytes)
 
     used = paired_iou(proposals, gt) > 0.5
     design = np.c_[features[used].astype(np.float64) * scale, np.ones(used.sum())]

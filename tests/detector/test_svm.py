@@ -283,3 +283,20 @@ def test_npz_round_trip_without_pickles(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["svms.npz"]
     with pytest.raises(ValueError):
         save_svms(tmp_path / "none.npz", {"cat": None}, 1.0, ["cat"])
+
+
+def test_float16_cache_changes_nothing_when_features_are_float16_exact():
+    # Features that float16 holds exactly (multiples of 1/8 in a small range): the cache dtype can
+    # then change no decision and no retrain, so the models must be identical.
+    rng = np.random.default_rng(11)
+    positives = np.round(8 * (rng.standard_normal((20, 6)) + 1.5)) / 8
+    batches = [np.round(8 * (rng.standard_normal((40, 6)) - 1.0)) / 8 for _ in range(6)]
+    wide = train_class_svm(positives, iter(batches), SvmParams(C=0.1, retrain_limit=30))
+    half = train_class_svm(positives, iter(batches), SvmParams(C=0.1, retrain_limit=30, cache_dtype="float16"))
+    np.testing.assert_array_equal(wide.w, half.w)
+    assert wide.b == half.b and [h["n_cache"] for h in wide.history] == [h["n_cache"] for h in half.history]
+    # and with arbitrary features the rounding moves the model only a little
+    noisy = [b + 0.01 * rng.standard_normal(b.shape) for b in batches]
+    wide = train_class_svm(positives, iter(noisy), SvmParams(C=0.1, retrain_limit=30))
+    half = train_class_svm(positives, iter(noisy), SvmParams(C=0.1, retrain_limit=30, cache_dtype="float16"))
+    assert np.abs(wide.w - half.w).max() < 1e-2 * np.abs(wide.w).max()

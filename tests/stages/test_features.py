@@ -154,11 +154,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_devkit, tiny_weight
     written = []
     real_write = features.write_item
 
-    def dying_write(out, image_id, *args):
+    def dying_write(out, sample, *args):
         if len(written) == 3:
             raise KeyboardInterrupt("killed")
-        real_write(out, image_id, *args)
-        written.append(image_id)
+        real_write(out, sample, *args)
+        written.append(sample["id"])
 
     monkeypatch.setattr(features, "write_item", dying_write)
     with pytest.raises(KeyboardInterrupt):
