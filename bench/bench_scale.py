@@ -1,0 +1,264 @@
+"""A VOC-size rehearsal: every stage of `make voc2007-detect` on synthetic splits of growing size.
+
+What it runs, and what is not the real thing:
+
+* images: the project's own generator (sppcli.data.synth) at VOC's 500 x 375, 8 classes;
+* windows: *random* proposal-like boxes, ``--windows`` per image (2,000 by default, as selective
+  search gives on VOC), imported with `sppcli import-proposals`: a third jittered around the
+  ground truth so that every IoU range is populated, the rest uniform over positions with
+  log-uniform sides. Selective search itself is timed separately on a few of the same images;
+* net: a random full-width ZF-5 (256 conv5 channels, fc6/fc7 4,096-d), seeded; conv5 of a
+  random net is ~46% zeros where a trained one has ~85%, so its maps compress less than real
+  ones would (bench/bench_feature_storage.py measures both): the disk figures are pessimistic;
+* config: pipelines/voc2007.toml (the paper's settings) with the 8 synthetic classes, and
+  fine-tuning cut to ``--finetune-iterations`` mini-batches (its time per mini-batch is
+  measured and multiplied by the paper's 300,000).
+
+Every stage is a separate `python -m sppcli` process, so each one's peak RSS is its own (read
+from wait4). Per stage it prints seconds per image, bytes per image on disk and peak RSS at each
+split size, then extrapolates to VOC 2007 (5,011 trainval + 4,952 test images): disk in GB and
+CPU hours per stage from the measured per-image figures, peak RSS from the growth between the two
+largest sizes, and GPU hours from the paper's per-image timings (conv 0.053 s at 1 scale and
+0.293 s at 5, fc 0.089 s). Its last line is machine-readable:
+
+    voc07: disk_1scale_gb=<x> disk_5scale_gb=<y> peak_rss_gb=<z> cpu_hours_1scale=<h>
+
+    python bench/bench_scale.py --images 100 300
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+VOC_TRAINVAL, VOC_TEST = 5011, 4952
+PAPER_GPU_SECONDS = {"conv_1": 0.053, "conv_5": 0.293, "fc": 0.089}  # per image, the paper's Table 6
+SCALES = {1: [688], 5: [480, 576, 688, 864, 1200]}
+CLASSES = ["disc", "ring", "triangle", "cross", "star", "crescent", "stripes", "checker"]
+
+# (command, split or None, the stage's artifact folder); order = the Makefile's voc2007-detect
+STAGES = [
+    ("import-proposals", "trainval", "proposals"), ("import-proposals", "test", "proposals"),
+    ("extract-features", "trainval", "features"), ("extract-features", "test", "features"),
+    ("pool-windows", "trainval", "pool"), ("pool-windows", "test", "pool"),
+    ("finetune-fc", None, "finetune"), ("train-bbox-reg", None, "bbox_reg"), ("train-svm", None, "svm"),
+    ("detect", "test", "detect"), ("evaluate", "test", "evaluate"),
+]
+
+
+def random_windows(rng: np.random.Generator, gt: np.ndarray, width: int, height: int, count: int) -> np.ndarray:
+    """Proposal-like boxes (internal convention, whole pixels): see the module docstring."""
+    near = count // 3 if len(gt) else 0
+    boxes = []
+    if near:
+        base = gt[rng.integers(0, len(gt), near)].astype(np.float64)
+        w, h = base[:, 2] - base[:, 0], base[:, 3] - base[:, 1]
+        spread = rng.uniform(0.02, 0.6, (near, 1))
+        shift = rng.standard_normal((near, 4)) * spread * np.stack([w, h, w, h], axis=1)
+        boxes.append(base + shift)
+    rest = count - near
+    side_w = np.exp(rng.uniform(np.log(12), np.log(width), rest))
+    side_h = np.exp(rng.uniform(np.log(12), np.log(height), rest))
+    x1 = rng.uniform(0, 1, rest) * (width - side_w)
+    y1 = rng.uniform(0, 1, rest) * (height - side_h)
+    boxes.append(np.stack([x1, y1, x1 + side_w, y1 + side_h], axis=1))
+    boxes = np.round(np.concatenate(boxes))
+    return np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
+
+
+def make_split(root: Path, n_trainval: int, n_test: int, windows: int) -> tuple[Path, Path]:
+    """A VOC-format devkit of 500 x 375 synthetic images and an NPZ of random windows per image."""
+    from sppcli.data.synth import make_dataset
+    from sppcli.data.voc import VocDataset
+
+    devkit = root / "VOC2007"
+    make_dataset(devkit, seed=11, n_trainval=n_trainval, n_test=n_test, size=(500, 375))
+    rng = np.random.default_rng(5)
+    arrays = {}
+    for split in ("trainval", "test"):
+        ds = VocDataset(devkit, split)
+        for image_id in ds.ids:
+            gt = ds.ground_truth(image_id)
+            arrays[image_id] = random_windows(rng, gt.boxes, gt.width, gt.height, windows)
+    np.savez(root / "windows.npz", **arrays)
+    return devkit, root / "windows.npz"
+
+
+def make_weights(path: Path) -> Path:
+    import torch
+
+    from sppcli.nets.checkpoint import build_net, save_checkpoint
+
+    arch = {"trunk": "zf5", "width": 1.0, "levels": [6, 3, 2, 1], "hidden": 4096, "num_classes": len(CLASSES),
+            "dropout": 0.5}
+    torch.manual_seed(0)
+    save_checkpoint(path, build_net(arch), arch, {})
+    return path
+
+
+def run_command(args: list[str], env: dict) -> tuple[float, float]:
+    """Run one sppcli command; (wall seconds, peak RSS in bytes) of that process."""
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "sppcli", *args], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    stderr = process.stderr.read().decode(errors="replace")
+    process.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"sppcli {' '.join(args[:1])} failed:\n{stderr[-3000:]}")
+    return time.perf_counter() - started, usage.ru_maxrss * 1024.0
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def selective_search_seconds(devkit: Path, images: int = 4) -> float:
+    """Seconds per image of the project's selective search ("fast", 500 px) on a few images."""
+    from sppcli.data.voc import VocDataset
+    from sppcli.stages.proposals import selective_search
+
+    ds = VocDataset(devkit, "trainval")
+    times = []
+    for image_id in ds.ids[:images]:
+        image = ds.load_image(image_id)
+        started = time.perf_counter()
+        selective_search(image, "fast", 2000, 16, 500)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def rehearse(workdir: Path, n_trainval: int, n_test: int, scales: int, windows: int, iterations: int,
+             weights: Path) -> dict:
+    root = workdir / f"n{n_trainval}_s{scales}"
+    devkit, windows_file = make_split(root, n_trainval, n_test, windows)
+    cache = root / "cache"
+    common = ["--config", "pipelines/voc2007.toml", "--cache-dir", str(cache), "-q",
+              "--set", f"dataset.devkit={json.dumps(str(devkit))}", "--set", f"dataset.classes={json.dumps(CLASSES)}",
+              "--set", f"features.weights={json.dumps(str(weights))}",
+              "--set", f"features.scales={json.dumps(SCALES[scales])}",
+              "--set", f"proposals.imported={json.dumps(str(windows_file))}",
+              "--set", f"finetune.iterations={iterations}", "--set", f"finetune.lr_step={iterations}",
+              "--set", f"finetune.checkpoint_every={iterations}"]
+    env = {**os.environ, "SPPCLI_NO_PROGRESS": "1"}
+    rows = {}
+    for command, split, stage in STAGES:
+        args = [command] + ([str(windows_file)] if command == "import-proposals" else []) + common
+        if split:
+            args += ["--split", split]
+        if command in ("train-svm", "detect", "evaluate"):
+            args += ["--variant", "ftfc7bb"]
+        if command in ("extract-features", "finetune-fc", "train-svm", "detect"):
+            args += ["--device", "cpu"]
+        before = tree_bytes(cache / stage)
+        seconds, rss = run_command(args, env)
+        images = {"trainval": n_trainval, "test": n_test, None: n_trainval}[split]
+        rows[(command, split)] = {"seconds": seconds, "images": images, "bytes": tree_bytes(cache / stage) - before,
+                                  "rss": rss}
+    finetune = json.loads(next((cache / "finetune").rglob("manifest.json")).read_text())
+    svm = json.loads(next((cache / "svm").rglob("manifest.json")).read_text())
+    rows["finetune-fc", None]["seconds_per_iteration"] = finetune["metrics"]["seconds_per_iteration"]
+    rows["train-svm", None]["cache_bound_bytes"] = svm["metrics"].get("cache_bound_bytes")
+    return {"rows": rows, "selective_search": selective_search_seconds(devkit), "root": root}
+
+
+def extrapolate(runs: dict[int, dict], scales: int) -> dict:
+    """Per stage at VOC size: disk bytes, CPU seconds, peak RSS; from the largest run, RSS from
+    the slope between the two largest."""
+    sizes = sorted(runs)
+    big = runs[sizes[-1]]["rows"]
+    small = runs[sizes[-2]]["rows"] if len(sizes) > 1 else None
+    out = {}
+    for (command, split), row in big.items():
+        voc_images = VOC_TEST if split == "test" else VOC_TRAINVAL
+        seconds = row["seconds"] / row["images"] * voc_images
+        if command == "finetune-fc":  # the paper's 300k mini-batches, at the measured rate
+            seconds = row["seconds"] + row["seconds_per_iteration"] * (300_000 - 1)
+        disk = row["bytes"] / row["images"] * voc_images
+        if command in ("finetune-fc", "train-svm", "train-bbox-reg", "evaluate"):
+            disk = row["bytes"]  # model files: not per image
+        rss = row["rss"]
+        if small is not None:
+            s = small[(command, split)]
+            slope = (row["rss"] - s["rss"]) / max(1, row["images"] - s["images"])
+            rss = row["rss"] + max(0.0, slope) * (voc_images - row["images"])
+        out[(command, split)] = {"disk": disk, "seconds": seconds, "rss": rss}
+    conv = PAPER_GPU_SECONDS[f"conv_{scales}"]
+    gpu = {("extract-features", "trainval"): conv * VOC_TRAINVAL, ("extract-features", "test"): conv * VOC_TEST,
+           ("train-svm", None): PAPER_GPU_SECONDS["fc"] * VOC_TRAINVAL,
+           ("detect", "test"): PAPER_GPU_SECONDS["fc"] * VOC_TEST}
+    for key, seconds in gpu.items():
+        out[key]["gpu_seconds"] = seconds
+    return out
+
+
+def report(runs: dict[int, dict], scales: int, voc: dict) -> None:
+    sizes = sorted(runs)
+    print(f"\n== {scales} scale(s) {SCALES[scales]}: random full-width ZF-5, {args.windows} random windows per image")
+    head = "".join(f"{'n=' + str(n) + ' s/img':>13}{'KB/img':>9}{'RSS GB':>8}" for n in sizes)
+    print(f"{'stage':<28}{head}{'VOC disk GB':>13}{'CPU h':>8}{'GPU h*':>8}{'RSS GB':>8}")
+    for (command, split), est in voc.items():
+        cells = ""
+        for n in sizes:
+            row = runs[n]["rows"][(command, split)]
+            cells += f"{row['seconds'] / row['images']:>13.3f}{row['bytes'] / row['images'] / 1e3:>9.1f}{row['rss'] / 1e9:>8.2f}"
+        gpu = est.get("gpu_seconds")
+        print(f"{command + (' ' + split if split else ''):<28}{cells}{est['disk'] / 1e9:>13.2f}"
+              f"{est['seconds'] / 3600:>8.2f}{'-' if gpu is None else f'{gpu / 3600:.2f}':>8}{est['rss'] / 1e9:>8.2f}")
+    ss = np.median([r["selective_search"] for r in runs.values()])
+    print(f"{'selective search (not run)':<28}{'':>{21 * len(sizes)}}{'':>13}{ss * (VOC_TRAINVAL + VOC_TEST) / 3600:>8.2f}"
+          f"{'-':>8}  ({ss:.2f} s/img measured, CPU only)")
+    big = runs[sizes[-1]]["rows"]
+    print(f"fine-tuning: {big['finetune-fc', None]['seconds_per_iteration']:.3f} s per mini-batch of 128 on this CPU; "
+          f"SVM caches bound at n={sizes[-1]}: {big['train-svm', None]['cache_bound_bytes'] / 1e9:.2f} GB "
+          "(every class at its peak at once)")
+    print("* GPU hours from the paper's per-image conv and fc times (Table 6), for the stages it times")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, nargs="+", default=[100, 300], help="trainval images per rehearsal")
+    parser.add_argument("--test-fraction", type=float, default=0.25, help="test images per trainval image")
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 5], choices=[1, 5])
+    parser.add_argument("--windows", type=int, default=2000)
+    parser.add_argument("--finetune-iterations", type=int, default=100)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the rehearsal's files here")
+    global args
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sppcli-scale-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    weights = make_weights(workdir / "zf5_random.pt")
+    totals = {}
+    try:
+        for scales in args.scales:
+            runs = {}
+            for n in sorted(args.images):
+                runs[n] = rehearse(workdir, n, max(4, int(round(n * args.test_fraction))), scales, args.windows,
+                                   args.finetune_iterations, weights)
+            voc = extrapolate(runs, scales)
+            report(runs, scales, voc)
+            totals[scales] = {"disk": sum(e["disk"] for e in voc.values()), "rss": max(e["rss"] for e in voc.values()),
+                              "cpu": sum(e["seconds"] for e in voc.values())}
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    disk = {s: totals[s]["disk"] / 1e9 if s in totals else float("nan") for s in (1, 5)}
+    print(f"\nVOC 2007 totals: " + "; ".join(f"{s} scale(s): disk {t['disk'] / 1e9:.1f} GB, peak RSS "
+                                             f"{t['rss'] / 1e9:.1f} GB, CPU {t['cpu'] / 3600:.1f} h"
+                                             for s, t in totals.items()))
+    print(f"voc07: disk_1scale_gb={disk[1]:.2f} disk_5scale_gb={disk[5]:.2f} "
+          f"peak_rss_gb={max(t['rss'] for t in totals.values()) / 1e9:.2f} "
+          f"cpu_hours_1scale={totals[1]['cpu'] / 3600 if 1 in totals else float('nan'):.2f}")
+
+
+if __name__ == "__main__":
+    main()
