@@ -116,17 +116,23 @@ def detect_image(image_id: str, *, pool_item: Path, pooled, out_item: Path, svm_
                  bbox_dir: str | None, device: str, params: Params) -> dict:
     """Pass 1 for one image: write its per-class candidates (after NMS) to ``out_item``."""
     from sppcli.ops.boxes import clip_boxes, nms
-    from sppcli.detector.windows import read_pool_windows
+    from sppcli.detector.windows import distinct_windows, read_pool_windows
 
     t0 = time.perf_counter()
     scorer = _scorer(svm_dir, bbox_dir, device)
     windows = read_pool_windows(pool_item, image_id)
     rows = np.flatnonzero(~windows.is_gt)
     boxes = windows.boxes[rows]
+    # Windows pooling the same cells at the same scale share one vector, so one fc pass and one score.
+    first, inverse = distinct_windows(windows.scale_index[rows], windows.cells[rows])
     t_pool = time.perf_counter()
-    pooled = pooled.window_rows(windows, rows)
+    vectors = pooled.window_rows(windows, rows[first])
     pool_seconds = time.perf_counter() - t_pool
-    scores, fc_seconds = scorer(pooled) if len(rows) else (np.zeros((0, len(scorer.class_names)), np.float32), 0.0)
+    if len(rows):
+        distinct_scores, fc_seconds = scorer(vectors)
+        scores = distinct_scores[inverse]
+    else:
+        scores, fc_seconds = np.zeros((0, len(scorer.class_names)), np.float32), 0.0
     out_boxes, out_scores, out_labels = [], [], []
     for k in range(scores.shape[1]):
         keep = np.flatnonzero(scores[:, k] > params.score_threshold)
@@ -134,7 +140,7 @@ def detect_image(image_id: str, *, pool_item: Path, pooled, out_item: Path, svm_
             continue
         cls_boxes = boxes[keep]
         if scorer.regressor is not None:
-            cls_boxes = scorer.regressor.predict(pooled[keep], cls_boxes, np.full(keep.size, k))
+            cls_boxes = scorer.regressor.predict(vectors[inverse[keep]], cls_boxes, np.full(keep.size, k))
         cls_boxes = clip_boxes(torch.from_numpy(np.ascontiguousarray(cls_boxes, dtype=np.float32)),
                                windows.width, windows.height)
         cls_scores = torch.from_numpy(scores[keep, k].astype(np.float32))

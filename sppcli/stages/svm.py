@@ -58,7 +58,7 @@ from sppcli.detector.svm import (
     train_class_svm,
 )
 from sppcli.detector.pooled_features import PooledFeatures
-from sppcli.detector.windows import mean_feature_norm, read_pool_windows, svm_negative_rows, svm_positive_rows
+from sppcli.detector.windows import distinct_windows, mean_feature_norm, read_pool_windows, svm_negative_rows, svm_positive_rows
 
 Params = SvmParams
 log = logging.getLogger(__name__)
@@ -152,6 +152,17 @@ class LayerFeatures:
         return fc_features(self.head, pooled, self.layer, self.device)
 
 
+def window_features(pooled: PooledFeatures, windows, rows: np.ndarray, layer: LayerFeatures
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pooled vectors and ``layer`` features of a table's windows ``rows``, each distinct
+    (scale, cells) window computed once: ``(pooled [U, D], features [U, D_layer], inverse [n])``
+    with row ``i`` of the request at ``inverse[i]``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    first, inverse = distinct_windows(windows.scale_index[rows], windows.cells[rows])
+    vectors = pooled.window_rows(windows, rows[first])
+    return vectors, layer(vectors), inverse
+
+
 def for_svm(manifest: Manifest, device: str = "cpu") -> LayerFeatures:
     """The feature function an SVM artifact was trained with."""
     return LayerFeatures.from_record(manifest.metrics["head"], device)
@@ -190,7 +201,8 @@ def collect_positives(paths: Sequence[Path], pooled: PooledFeatures, num_classes
         gt_rows = np.flatnonzero(windows.is_gt)
         if gt_rows.size == 0:
             continue
-        feats = features(pooled.window_rows(windows, gt_rows)) * np.float32(scale)
+        _, distinct, inverse = window_features(pooled, windows, gt_rows, features)
+        feats = distinct[inverse] * np.float32(scale)
         for c in range(num_classes):
             rows = svm_positive_rows(windows.is_gt[gt_rows], windows.gt_label[gt_rows], c)
             if rows.size:
@@ -337,7 +349,8 @@ def mining_batches(paths: Sequence[Path], pooled: PooledFeatures, num_classes: i
         needed = np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
         feats = np.zeros((0, features.dim), np.float32)
         if needed.size:
-            feats = features(pooled.window_rows(windows, needed)) * np.float32(scale)
+            _, distinct, inverse = window_features(pooled, windows, needed, features)
+            feats = distinct[inverse] * np.float32(scale)
         # Classes absent from the image share one negative set: hand them one array (the
         # trainers only read it) rather than a copy each.
         shared: dict[bytes, np.ndarray] = {}

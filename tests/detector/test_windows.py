@@ -9,6 +9,7 @@ from sppcli.detector.windows import (
     FinetuneSampler,
     WindowSet,
     batch_counts,
+    distinct_windows,
     finetune_selection,
     max_overlap,
     norm_sample,
@@ -166,3 +167,14 @@ def test_window_set_take_and_join():
     picked = both.take([2, 0])
     assert picked.row.tolist() == [7, 1] and picked.scale_index.tolist() == [1, 0]
     assert len(WindowSet.concat([])) == 0 and WindowSet.concat([]).cells.shape == (0, 4)
+
+
+def test_distinct_windows_first_occurrences_in_row_order():
+    cells = np.array([[0, 0, 1, 1], [2, 2, 3, 3], [0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3]])
+    scale = np.array([0, 0, 0, 1, 0])
+    first, inverse = distinct_windows(scale, cells)
+    assert first.tolist() == [0, 1, 3] and inverse.tolist() == [0, 1, 0, 2, 1]
+    for i in range(len(cells)):  # every window is its representative
+        assert (cells[first[inverse[i]]] == cells[i]).all() and scale[first[inverse[i]]] == scale[i]
+    first, inverse = distinct_windows(np.zeros(0), np.zeros((0, 4)))
+    assert first.size == 0 and inverse.size == 0
