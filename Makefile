@@ -70,7 +70,8 @@ WEIGHTS  ?=
 NET      ?= zf5
 SCALES   ?= 1
 VOC_SCALES_1 := 688
-VOC_SCALES_5 := 480,576,688,864,1200
+# The release's five scales (Script_spp_voc.m); the paper lists 864 for the fourth.
+VOC_SCALES_5 := 480,576,688,874,1200
 # VOC_EXTRA: more options for every stage, e.g. VOC_EXTRA="--set dataset.classes=[\"elephant\"]".
 VOC_EXTRA ?=
 # SETUP: the prerequisite that installs sppcli; tests run the target with SETUP= and SPP=...

@@ -252,7 +252,7 @@ def main() -> None:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     disk = {s: totals[s]["disk"] / 1e9 if s in totals else float("nan") for s in (1, 5)}
-    print(f"\nVOC 2007 totals: " + "; ".join(f"{s} scale(s): disk {t['disk'] / 1e9:.1f} GB, peak RSS "
+    print("\nVOC 2007 totals: " + "; ".join(f"{s} scale(s): disk {t['disk'] / 1e9:.1f} GB, peak RSS "
                                              f"{t['rss'] / 1e9:.1f} GB, CPU {t['cpu'] / 3600:.1f} h"
                                              for s, t in totals.items()))
     print(f"voc07: disk_1scale_gb={disk[1]:.2f} disk_5scale_gb={disk[5]:.2f} "

@@ -65,6 +65,9 @@ class ProposalParams:
     imported: str = ""
     # auto (.mat: 1-based inclusive yxyx; .npz/.h5: internal 0-based xyxy) | xyxy0 | xyxy1 | yxyx0 | yxyx1
     imported_convention: str = "auto"
+    # imported boxes kept per image, 0 = all (both releases use every selective-search box; many
+    # VOC images have more than 2,000). max_boxes applies to computed proposals only.
+    imported_max_boxes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +119,9 @@ class PoolParams:
 
     levels: tuple[int, ...] = (1, 2, 3, 6)  # 50 bins -> 12,800-d for 256 channels
     dtype: str = "float16"
+    # each window is pooled at the scale where its side is nearest this (the paper: "closest to
+    # 224 x 224"; the release's spm_expected_scale.m uses 208 = 13 cells x stride 16)
+    target_size: int = 224
     # false: items hold the window table only and every consumer pools its rows from the conv5
     # maps on the fly (bit-identical); true: items also hold every window's pooled vector
     # (~51 MB per VOC image at 12,800-d float16).
@@ -138,6 +144,11 @@ class FinetuneParams:
     fc8_std: float = 0.01
     checkpoint_every: int = 5000
     seed: int = 0
+    # The release's augmentations (spp_finetune_voc.m, Script_spp_voc.m): each sampled window is
+    # pooled at a scale drawn uniformly from all of them instead of its chosen one, and the
+    # horizontally flipped training images (their own conv5 maps) join the originals.
+    random_scale: bool = False
+    flip: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +165,7 @@ class SvmParams:
     retrain_limit: int = 2000
     target_norm: float = 20.0
     neg_iou: float = 0.3
+    neg_dedup: str = "iou"  # iou: the paper's 0.7-IoU rule | cells: the release's identical-cells rule
     neg_dedup_iou: float = 0.7
     # dtype of the hard-negative caches: float16 halves their memory (20 classes x ~10k x 4,096-d
     # fc7 on VOC) at the cost of rounding the cached negatives the retrains see
@@ -176,7 +188,10 @@ class DetectParams:
     score_threshold: float = -1.5  # start; tightened so a class keeps <= max_per_class_factor x #images
     max_per_class_factor: float = 5.0
     nms_iou: float = 0.3
-    max_per_image: int = 100
+    max_per_image: int = 100  # per class, in each image
+    # release: threshold, NMS, top max_per_image, then regress, clip, NMS again (spp_test.m +
+    # spp_test_bbox_regressor.m); regress_first: regress, clip, NMS once
+    order: str = "release"
     combine: tuple[str, ...] = ()  # other detect artifacts whose scored windows are merged (Table 9)
 
 

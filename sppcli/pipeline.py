@@ -116,6 +116,9 @@ class Planner:
                     [p for p in folder.rglob("*") if p.is_file()], base=folder)
         elif stage == "features":
             params = {"net": as_dict(c.net), "features": as_dict(c.features)}
+            if c.finetune.flip and split == train:
+                # Fine-tuning on flipped images needs their maps too; only then does the key say so.
+                params["flip"] = True
             external["dataset"] = self.dataset_digest(split)
             if c.features.weights:
                 external["weights"] = self.weights_digest(c.features.weights)

@@ -46,27 +46,28 @@ def pool_rows(fmap: np.ndarray, cells: np.ndarray, levels: Sequence[int], dtype:
 
 
 class MapCache:
-    """Conv5 maps by ``(image_id, scale_index)``, kept while they fit in ``budget`` bytes.
+    """Conv5 maps by ``(image_id, scale_index, flip)``, kept while they fit in ``budget`` bytes.
 
-    ``load(image_id, scale_index)`` reads a map from disk. Once the budget is full, new maps are
+    ``load(image_id, scale_index, flip)`` reads a map from disk (``flip``: of the horizontally
+    flipped image). Once the budget is full, new maps are
     read but not kept: consumers visit the images of a split in the same order again and again
     (a scan), where least-recently-used eviction would throw out every map just before it is
     needed, and keeping the first ones serves a ``budget / total`` share of the reads. A budget of
     0 caches nothing.
     """
 
-    def __init__(self, load: Callable[[str, int], np.ndarray], budget: int = 0):
+    def __init__(self, load: Callable[[str, int, bool], np.ndarray], budget: int = 0):
         self.load = load
         self.budget = int(budget)
         self.bytes = 0
-        self._maps: dict[tuple[str, int], np.ndarray] = {}
+        self._maps: dict[tuple[str, int, bool], np.ndarray] = {}
         self.reads = 0
 
-    def get(self, image_id: str, scale_index: int) -> np.ndarray:
-        key = (image_id, int(scale_index))
+    def get(self, image_id: str, scale_index: int, flip: bool = False) -> np.ndarray:
+        key = (image_id, int(scale_index), bool(flip))
         fmap = self._maps.get(key)
         if fmap is None:
-            fmap = self.load(image_id, int(scale_index))
+            fmap = self.load(*key)
             self.reads += 1
             if self.bytes + fmap.nbytes <= self.budget:
                 self._maps[key] = fmap
@@ -80,13 +81,15 @@ class PooledFeatures:
     Args:
         levels: the pool stage's pyramid levels (output order); dtype: its storage dtype.
         channels: C of the conv5 maps.
-        load_map: ``(image_id, scale_index) -> [C, H, W]`` map of the features artifact.
+        load_map: ``(image_id, scale_index, flip) -> [C, H, W]`` map of the features artifact.
         stored_item: ``image_id -> Path`` of the pool item holding a ``features`` dataset, or
-            None when the vectors were not stored (then they are pooled from the maps).
+            None when the vectors were not stored (then they are pooled from the maps). Windows
+            of flipped images, or at another scale than their chosen one (fine-tuning's
+            augmentations), are always pooled from the maps.
         map_cache_bytes: how many bytes of maps to keep in memory between calls.
     """
 
-    def __init__(self, levels: Sequence[int], dtype, channels: int, load_map: Callable[[str, int], np.ndarray],
+    def __init__(self, levels: Sequence[int], dtype, channels: int, load_map: Callable[[str, int, bool], np.ndarray],
                  stored_item: Callable[[str], Path] | None = None, map_cache_bytes: int = 0):
         self.levels = [int(n) for n in levels]
         self.dtype = np.dtype(dtype)
@@ -102,11 +105,14 @@ class PooledFeatures:
     def row_bytes(self) -> int:
         return self.dim * self.dtype.itemsize
 
-    def rows(self, image_id: str, rows: np.ndarray, scale_index: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    def rows(self, image_id: str, rows: np.ndarray, scale_index: np.ndarray, cells: np.ndarray,
+             flip: bool = False, stored: bool = True) -> np.ndarray:
         """``[len(rows), D]`` pooled vectors of one image's windows ``rows`` (any order, repeats
-        allowed), whose chosen scales and cells (from the window table) are given alongside."""
+        allowed), at the scales and cells given alongside (the window table's, unless
+        fine-tuning moved them); ``flip``: on the flipped image's maps; ``stored``: the scales and
+        cells are the table's, so stored vectors may answer."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if self.stored_item is not None:
+        if self.stored_item is not None and stored and not flip:
             import h5py
 
             from sppcli.detector.windows import read_feature_rows
@@ -118,7 +124,7 @@ class PooledFeatures:
         out = np.empty((rows.size, self.dim), dtype=self.dtype)
         for s in np.unique(scale_index):
             where = np.flatnonzero(scale_index == s)
-            out[where] = pool_rows(self.maps.get(image_id, int(s)), cells[where], self.levels, self.dtype)
+            out[where] = pool_rows(self.maps.get(image_id, int(s), flip), cells[where], self.levels, self.dtype)
         return out
 
     def window_rows(self, windows, rows: np.ndarray | None = None) -> np.ndarray:
@@ -127,24 +133,29 @@ class PooledFeatures:
         return self.rows(windows.image_id, rows, windows.scale_index[rows], windows.cells[rows])
 
     def gather(self, image_ids: Sequence[str], image: np.ndarray, row: np.ndarray, scale_index: np.ndarray,
-               cells: np.ndarray, progress=None) -> np.ndarray:
+               cells: np.ndarray, flip: np.ndarray | None = None, stored: bool = True, progress=None) -> np.ndarray:
         """Rows of windows of many images, ``[M, D]`` in request order.
 
-        ``image`` int ``[M]`` indexes ``image_ids``; ``row``, ``scale_index``, ``cells`` describe
-        each requested window. Requests are grouped by image so each image's map is read (or
-        taken from the cache) once per call.
+        ``image`` int ``[M]`` indexes ``image_ids``; ``row``, ``scale_index``, ``cells`` and
+        ``flip`` (bool ``[M]``, None: no flips) describe each requested window; ``stored`` as in
+        :meth:`rows`. Requests are grouped by image (and flip) so each map is read, or taken from
+        the cache, once per call.
         """
         image = np.asarray(image, dtype=np.int64).reshape(-1)
+        flip = np.zeros(image.size, bool) if flip is None else np.asarray(flip, bool).reshape(-1)
         out = np.empty((image.size, self.dim), dtype=self.dtype)
         if image.size == 0:
             return out
-        order = np.argsort(image, kind="stable")
-        sorted_images = image[order]
-        starts = np.flatnonzero(np.r_[True, sorted_images[1:] != sorted_images[:-1]])
+        group = image * 2 + flip
+        order = np.argsort(group, kind="stable")
+        sorted_groups = group[order]
+        starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
         bounds = list(zip(starts, np.r_[starts[1:], image.size]))
         if progress is not None:
             bounds = progress(bounds, total=len(bounds))
         for start, stop in bounds:
             where = order[start:stop]
-            out[where] = self.rows(image_ids[int(image[where[0]])], row[where], scale_index[where], cells[where])
+            first = where[0]
+            out[where] = self.rows(image_ids[int(image[first])], row[where], scale_index[where], cells[where],
+                                   flip=bool(flip[first]), stored=stored)
         return out

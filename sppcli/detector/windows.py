@@ -304,14 +304,16 @@ def mean_feature_norm(paths: Sequence[Path], pooled, transform: Callable[[np.nda
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class WindowSet:
-    """Selected windows of a whole split, as parallel flat arrays (about 27 bytes a window, so
-    VOC 2007's ~10M windows fit in ~270 MB; their pooled vectors would take 256 GB).
+    """Selected windows of a whole split, as parallel flat arrays (about 43 bytes a window, so
+    VOC 2007's ~2.8M fine-tuning windows take ~120 MB; their pooled vectors would take 72 GB).
 
     Attributes:
         image: int32 ``[M]`` index of the image (into the stage's image list).
         row: int32 ``[M]`` row in that image's window table.
         label: int16 ``[M]`` training label.
         scale_index: int8 ``[M]`` and cells: int32 ``[M, 4]``: where each window is pooled.
+        boxes: float32 ``[M, 4]``: the window in image coordinates (to pool it elsewhere: at
+            another scale, or on the flipped image).
     """
 
     image: np.ndarray
@@ -319,32 +321,34 @@ class WindowSet:
     label: np.ndarray
     scale_index: np.ndarray
     cells: np.ndarray
+    boxes: np.ndarray
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
 
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        return self.image, self.row, self.label, self.scale_index, self.cells, self.boxes
+
     @staticmethod
-    def concat(parts: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> "WindowSet":
-        """From ``[(image_index, rows, labels, scale_index, cells)]`` per image."""
+    def concat(parts: Sequence[tuple]) -> "WindowSet":
+        """From ``[(image_index, rows, labels, scale_index, cells, boxes)]`` per image."""
         if not parts:
             return WindowSet(np.empty(0, np.int32), np.empty(0, np.int32), np.empty(0, np.int16),
-                             np.empty(0, np.int8), np.empty((0, 4), np.int32))
+                             np.empty(0, np.int8), np.empty((0, 4), np.int32), np.empty((0, 4), np.float32))
         return WindowSet(image=np.concatenate([np.full(len(p[1]), p[0], np.int32) for p in parts]),
                          row=np.concatenate([np.asarray(p[1], np.int32) for p in parts]),
                          label=np.concatenate([np.asarray(p[2], np.int16) for p in parts]),
                          scale_index=np.concatenate([np.asarray(p[3], np.int8) for p in parts]),
-                         cells=np.concatenate([np.asarray(p[4], np.int32).reshape(-1, 4) for p in parts]))
+                         cells=np.concatenate([np.asarray(p[4], np.int32).reshape(-1, 4) for p in parts]),
+                         boxes=np.concatenate([np.asarray(p[5], np.float32).reshape(-1, 4) for p in parts]))
 
     def take(self, indices: np.ndarray) -> "WindowSet":
         indices = np.asarray(indices, dtype=np.int64)
-        return WindowSet(self.image[indices], self.row[indices], self.label[indices], self.scale_index[indices],
-                         self.cells[indices])
+        return WindowSet(*(a[indices] for a in self._arrays()))
 
     @staticmethod
     def join(first: "WindowSet", second: "WindowSet") -> "WindowSet":
-        return WindowSet(*(np.concatenate([a, b]) for a, b in zip(
-            (first.image, first.row, first.label, first.scale_index, first.cells),
-            (second.image, second.row, second.label, second.scale_index, second.cells))))
+        return WindowSet(*(np.concatenate([a, b]) for a, b in zip(first._arrays(), second._arrays())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,11 +358,15 @@ class MiniBatch:
     Attributes:
         fg: int64 indices into the positive :class:`WindowSet`; bg: into the negative one.
         labels: int64 ``[len(fg) + len(bg)]``: the positives' labels, then zeros.
+        flip: bool ``[len(fg) + len(bg)]``: pool the window on the flipped image.
+        scale: int64 ``[len(fg) + len(bg)]``: pool it at this scale; -1 = its chosen scale.
     """
 
     fg: np.ndarray
     bg: np.ndarray
     labels: np.ndarray
+    flip: np.ndarray
+    scale: np.ndarray
 
 
 def batch_counts(batch_size: int, fg_fraction: float, n_fg: int, n_bg: int) -> tuple[int, int]:
@@ -386,22 +394,36 @@ class FinetuneSampler:
     are too few, as R-CNN's window data layer samples), likewise its negatives. Seeding each
     iteration's generator with ``(seed, iteration)`` makes the sampler state the iteration
     number alone, so a resumed run draws exactly the batches an uninterrupted one would.
+
+    The release's augmentations: with ``flip`` the flipped images' windows join the population
+    (a draw from twice as many windows, the second half flipped); with ``random_scales = S > 0``
+    every drawn window gets a scale drawn uniformly from ``0 .. S - 1`` (``random_scale = 1`` in
+    ``spp_finetune_voc.m``: any of the cached scales, whatever the window's size). Without them
+    the draws are those of the plain sampler.
     """
 
     def __init__(self, positives: WindowSet, negatives: WindowSet, batch_size: int, fg_fraction: float,
-                 seed: int):
+                 seed: int, flip: bool = False, random_scales: int = 0):
         self.positives = positives
         self.negatives = negatives
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+        self.flip = bool(flip)
+        self.random_scales = int(random_scales)
         self.n_fg, self.n_bg = batch_counts(self.batch_size, fg_fraction, len(positives), len(negatives))
 
     def batch(self, iteration: int) -> MiniBatch:
         rng = np.random.default_rng([self.seed, int(iteration)])
-        fg = _draw(rng, len(self.positives), self.n_fg)
-        bg = _draw(rng, len(self.negatives), self.n_bg)
+        copies = 2 if self.flip else 1
+        fg = _draw(rng, copies * len(self.positives), self.n_fg)
+        bg = _draw(rng, copies * len(self.negatives), self.n_bg)
+        flip = np.concatenate([fg >= len(self.positives), bg >= len(self.negatives)])
+        if self.flip:
+            fg, bg = fg % max(1, len(self.positives)), bg % max(1, len(self.negatives))
+        count = len(fg) + len(bg)
+        scale = rng.integers(0, self.random_scales, count) if self.random_scales else np.full(count, -1)
         labels = np.concatenate([self.positives.label[fg].astype(np.int64), np.zeros(len(bg), np.int64)])
-        return MiniBatch(fg=fg, bg=bg, labels=labels)
+        return MiniBatch(fg=fg, bg=bg, labels=labels, flip=flip, scale=scale.astype(np.int64))
 
 
 def _draw(rng: np.random.Generator, population: int, k: int) -> np.ndarray:

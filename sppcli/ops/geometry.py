@@ -103,14 +103,16 @@ def receptive_field(layers: Sequence[tuple[int, int, int]]) -> FieldGeometry:
     return FieldGeometry(stride=stride, offset0=centre_index + 0.5, offset=stride / 2)
 
 
-def window_to_cells(boxes: Tensor, geometry: FieldGeometry, fmap_height: int, fmap_width: int) -> Tensor:
+def window_to_cells(boxes: Tensor, geometry: FieldGeometry, fmap_height: int | Tensor,
+                    fmap_width: int | Tensor) -> Tensor:
     """Map image windows onto inclusive feature-map cell ranges (the release's rule).
 
     Args:
         boxes (Tensor[N, 4]): ``(x1, y1, x2, y2)`` continuous pixel-edge coordinates in the
             *scaled* image the feature map was computed from.
         geometry: the trunk's :class:`FieldGeometry`.
-        fmap_height, fmap_width: size of the feature map in cells (>= 1).
+        fmap_height, fmap_width: size of the feature map in cells (>= 1): one size for all
+            windows, or integer tensors ``[N]`` when the windows lie on maps of different sizes.
 
     Returns:
         LongTensor[N, 4]: inclusive cell indices ``(x1, y1, x2, y2)`` with
@@ -131,7 +133,9 @@ def window_to_cells(boxes: Tensor, geometry: FieldGeometry, fmap_height: int, fm
     """
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must have shape [N, 4], got {tuple(boxes.shape)}")
-    if fmap_height < 1 or fmap_width < 1:
+    heights = torch.as_tensor(fmap_height, dtype=torch.float64, device=boxes.device)
+    widths = torch.as_tensor(fmap_width, dtype=torch.float64, device=boxes.device)
+    if bool((heights < 1).any()) or bool((widths < 1).any()):
         raise ValueError(f"feature map must be at least 1 x 1, got {fmap_height} x {fmap_width}")
     coords = boxes.to(torch.float64)
     stride, origin, margin = float(geometry.stride), float(geometry.offset0), float(geometry.offset)
@@ -143,7 +147,7 @@ def window_to_cells(boxes: Tensor, geometry: FieldGeometry, fmap_height: int, fm
     midpoint = torch.floor((start + end) / 2)
     start = torch.where(crossed, midpoint, start)
     end = torch.where(crossed, midpoint, end)
-    upper = torch.tensor([fmap_width - 1, fmap_height - 1], dtype=torch.float64, device=boxes.device)
+    upper = torch.stack(torch.broadcast_tensors(widths - 1, heights - 1), dim=-1)
     zero = torch.zeros((), dtype=torch.float64, device=boxes.device)
     start = torch.minimum(torch.maximum(start, zero), upper)
     end = torch.minimum(torch.maximum(end, zero), upper)

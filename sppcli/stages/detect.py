@@ -1,13 +1,19 @@
 """`sppcli detect`: score every window with the SVMs, threshold, NMS, write result files.
 
-Two passes, as the R-CNN/SPP release's test loop amounts to:
+Two passes:
 
 1. per image (resumable HDF5 items): window features at the SVMs' layer, scores of every class,
-   per class the windows above ``score_threshold``, bbox regression, NMS at ``nms_iou``;
-2. over the whole split: per class, the threshold is raised to keep at most
-   ``max_per_class_factor x #images`` windows (the release tightens it on the fly; since
-   thresholding and NMS commute — a suppressor always scores higher than what it suppresses —
-   doing it after per-image NMS gives the same set), then at most ``max_per_image`` per image.
+   and per class :func:`class_detections`: the windows above ``score_threshold``, NMS at
+   ``nms_iou``, at most ``max_per_image`` of the class, bounding-box regression, in the order
+   ``detect.order`` names (``"release"``: the SPP release's ``spp_test.m`` followed by
+   ``spp_test_bbox_regressor.m`` and its evaluation's NMS);
+2. over the whole split (:func:`select_detections`): per class, the threshold is raised to keep
+   at most ``max_per_class_factor x #images`` windows. ``rcnn_test.m`` tightens it as it goes;
+   the SPP release's ``spp_test.m`` means to but, as released, never does (its ``keep_top_k``
+   runs for the last class only and its final pass reads an empty list), so there only the
+   -1.5 threshold and the per-image cap apply. Since thresholding and NMS commute (a suppressor
+   always scores higher than what it suppresses), tightening after per-image NMS keeps the set
+   the running threshold would.
 
 Outputs: ``detections.h5`` (all kept detections), VOC devkit result files
 ``comp4_det_<split>_<class>.txt`` (1-based pixels) and a COCO-style ``detections.json``.
@@ -112,10 +118,55 @@ def _scorer(svm_dir: str, bbox_dir: str | None, device: str) -> WindowScorer:
     return WindowScorer(svm, bbox, device)
 
 
+ORDERS = ("release", "regress_first")
+
+
+def _regress(regressor, vectors: np.ndarray, inverse: np.ndarray, boxes: np.ndarray, k: int,
+             rows: np.ndarray) -> np.ndarray:
+    return regressor.predict(vectors[inverse[rows]], boxes[rows], np.full(rows.size, k))
+
+
+def class_detections(boxes: np.ndarray, scores: np.ndarray, regress, width: int, height: int, params: Params
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """One class's detections in one image: ``(boxes float32 [D, 4], scores float32 [D])`` by
+    decreasing score.
+
+    Args:
+        boxes: float ``[N, 4]`` the image's proposal windows; scores: float ``[N]`` this class's.
+        regress: ``regress(rows) -> [len(rows), 4]`` regressed boxes of windows ``rows``, or None.
+        width, height: the image size boxes are clipped to.
+
+    ``params.order``: ``"release"`` (``spp_test.m`` + ``spp_test_bbox_regressor.m``): keep scores
+    above the threshold, NMS on the windows as proposed, keep the ``max_per_image`` best, then
+    regress, clip and NMS again; ``"regress_first"``: threshold, regress, clip, NMS, keep the best.
+    """
+    from sppcli.ops.boxes import clip_boxes, nms
+
+    def clipped(b: np.ndarray) -> torch.Tensor:
+        return clip_boxes(torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)), width, height)
+
+    if params.order not in ORDERS:
+        raise ValueError(f"detect.order = {params.order!r}; use one of {', '.join(ORDERS)}")
+    keep = np.flatnonzero(scores > params.score_threshold)
+    if keep.size == 0:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+    kept_scores = torch.from_numpy(scores[keep].astype(np.float32))
+    if params.order == "release":
+        first = nms(clipped(boxes[keep]), kept_scores, params.nms_iou)[: params.max_per_image].numpy()
+        keep, kept_scores = keep[first], kept_scores[first]
+        if regress is None:
+            return clipped(boxes[keep]).numpy(), kept_scores.numpy()
+        moved = clipped(regress(keep))
+        second = nms(moved, kept_scores, params.nms_iou)
+        return moved[second].numpy(), kept_scores[second].numpy()
+    moved = clipped(regress(keep) if regress is not None else boxes[keep])
+    kept = nms(moved, kept_scores, params.nms_iou)[: params.max_per_image]
+    return moved[kept].numpy(), kept_scores[kept].numpy()
+
+
 def detect_image(image_id: str, *, pool_item: Path, pooled, out_item: Path, svm_dir: str,
                  bbox_dir: str | None, device: str, params: Params) -> dict:
-    """Pass 1 for one image: write its per-class candidates (after NMS) to ``out_item``."""
-    from sppcli.ops.boxes import clip_boxes, nms
+    """Pass 1 for one image: write its per-class detections (:func:`class_detections`) to ``out_item``."""
     from sppcli.detector.windows import distinct_windows, read_pool_windows
 
     t0 = time.perf_counter()
@@ -135,19 +186,12 @@ def detect_image(image_id: str, *, pool_item: Path, pooled, out_item: Path, svm_
         scores, fc_seconds = np.zeros((0, len(scorer.class_names)), np.float32), 0.0
     out_boxes, out_scores, out_labels = [], [], []
     for k in range(scores.shape[1]):
-        keep = np.flatnonzero(scores[:, k] > params.score_threshold)
-        if keep.size == 0:
-            continue
-        cls_boxes = boxes[keep]
-        if scorer.regressor is not None:
-            cls_boxes = scorer.regressor.predict(vectors[inverse[keep]], cls_boxes, np.full(keep.size, k))
-        cls_boxes = clip_boxes(torch.from_numpy(np.ascontiguousarray(cls_boxes, dtype=np.float32)),
-                               windows.width, windows.height)
-        cls_scores = torch.from_numpy(scores[keep, k].astype(np.float32))
-        kept = nms(cls_boxes, cls_scores, params.nms_iou)
-        out_boxes.append(cls_boxes[kept].numpy())
-        out_scores.append(cls_scores[kept].numpy())
-        out_labels.append(np.full(len(kept), k, dtype=np.int16))
+        regress = None if scorer.regressor is None else functools.partial(
+            _regress, scorer.regressor, vectors, inverse, boxes, k)
+        cls_boxes, cls_scores = class_detections(boxes, scores[:, k], regress, windows.width, windows.height, params)
+        out_boxes.append(cls_boxes)
+        out_scores.append(cls_scores)
+        out_labels.append(np.full(len(cls_scores), k, dtype=np.int16))
     boxes_all = np.concatenate(out_boxes) if out_boxes else np.zeros((0, 4), np.float32)
     with atomic_path(out_item) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -179,23 +223,32 @@ def _read_item(path: Path) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], f
 
 def select_detections(candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n_classes: int,
                       params: Params) -> list[np.ndarray]:
-    """Per image, the indices of its candidates that survive the per-class budget and the
-    per-image cap. ``candidates[i] = (boxes, scores, labels)`` of image i."""
+    """Per image, the indices of its candidates that survive the per-image cap and the per-class
+    budget. ``candidates[i] = (boxes, scores, labels)`` of image i.
+
+    The cap keeps at most ``max_per_image`` detections *per class* in each image, as both
+    releases do (``spp_test.m``, ``rcnn_test.m``), never ranking one class's scores against
+    another's. The budget then keeps, per class, the ``max_per_class_factor x #images`` best
+    over the whole split (the threshold the releases tighten as they go; since thresholding and
+    NMS commute, tightening it after per-image NMS keeps the same set).
+    """
+    capped = []
+    for _, scores, labels in candidates:
+        keep = []
+        for k in np.unique(labels):
+            rows = np.flatnonzero(labels == k)
+            keep.append(rows[np.argsort(-scores[rows], kind="stable")[: params.max_per_image]])
+        capped.append(np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64))
     budget = int(round(params.max_per_class_factor * len(candidates)))
     thresholds = np.full(n_classes, -np.inf)
     for k in range(n_classes):
-        s = np.concatenate([sc[lab == k] for _, sc, lab in candidates]) if candidates else np.zeros(0)
+        s = np.concatenate([sc[ok][lab[ok] == k] for (_, sc, lab), ok in zip(candidates, capped)]) \
+            if candidates else np.zeros(0)
         if s.size > budget:
             # keep the `budget` best: the threshold is the budget-th highest score
             thresholds[k] = np.partition(s, s.size - budget)[s.size - budget]
-    kept = []
-    for _, scores, labels in candidates:
-        ok = np.flatnonzero(scores >= thresholds[labels.astype(np.int64)]) if scores.size else np.zeros(0, np.int64)
-        if ok.size > params.max_per_image:
-            order = np.argsort(-scores[ok], kind="stable")[: params.max_per_image]
-            ok = np.sort(ok[order])
-        kept.append(ok)
-    return kept
+    return [ok[scores[ok] >= thresholds[labels[ok].astype(np.int64)]] for (_, scores, labels), ok
+            in zip(candidates, capped)]
 
 
 def _combine(own: tuple[np.ndarray, np.ndarray, np.ndarray], others: list[tuple[np.ndarray, np.ndarray, np.ndarray]],

@@ -13,7 +13,8 @@ bilinear with antialiasing on uint8 RGB, then the net's own normalisation
 (:func:`sppcli.nets.sppnet.normalize`).
 
 Output: ``items/<id>.h5`` per image with ``conv5_<i>`` ``[C, H_i, W_i]`` (``features.dtype``)
-for scale ``i`` (written by :func:`write_map`: with ``features.storage = "sparse"`` a group of a
+for scale ``i`` (and ``conv5f_<i>`` of the horizontally flipped image when fine-tuning asks for
+flips; written by :func:`write_map`: with ``features.storage = "sparse"`` a group of a
 ``mask`` of the non-zero values, ``np.packbits`` of the flattened map, the ``values`` in that order
 and a ``shape`` attribute; read it with :func:`read_map`) and attributes ``width``, ``height`` (stored pixels of the original image),
 ``scales``, ``scale_factors`` (resize factor at each scale: box coordinates times the factor are
@@ -64,19 +65,23 @@ def params_from(config: Config) -> Params:
 @dataclasses.dataclass(frozen=True)
 class Inputs:
     """dataset: the split (a :class:`~sppcli.data.voc.VocDataset`); source: the weights file;
-    workers: DataLoader processes decoding images; scheduler: a Dask cluster to run on instead."""
+    workers: DataLoader processes decoding images; scheduler: a Dask cluster to run on instead;
+    flip: also store the maps of the horizontally flipped image (fine-tuning's augmentation)."""
 
     dataset: Any
     source: NetSource
     device: str = "cpu"
     workers: int = 1
     scheduler: str | None = None
+    flip: bool = False
 
 
 def inputs_for(planner, plan, upstream: Mapping[str, Manifest], options) -> Inputs:
     source = resolve_net_source(planner.config.features.weights, upstream.get("pretrain"))
+    # The planner asks for flipped maps of the training split when fine-tuning uses flips.
     return Inputs(dataset=planner.dataset(plan.split), source=source, device=resolve_device(options.device),
-                  workers=max(0, int(options.workers)), scheduler=options.scheduler)
+                  workers=max(0, int(options.workers)), scheduler=options.scheduler,
+                  flip=bool(plan.params.get("flip", False)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,13 +230,21 @@ def read_map(h5: h5py.File, name: str) -> np.ndarray:
     return out.reshape(shape)
 
 
+def map_name(scale_index: int, flip: bool = False) -> str:
+    """The item's name for the map of one scale (``conv5f_<i>``: of the flipped image)."""
+    return f"conv5{'f' if flip else ''}_{int(scale_index)}"
+
+
 def write_feature_item(h5: h5py.File, maps: Sequence[np.ndarray], width: int, height: int, scales: Sequence[int],
                        factors: Sequence[float], scaled_sizes: Sequence[Sequence[int]], conv_seconds: float,
-                       decode_seconds: float, storage: str = "dense") -> None:
+                       decode_seconds: float, storage: str = "dense",
+                       flipped: Sequence[np.ndarray] = ()) -> None:
     """Fill one opened features item (schema in the module docstring); ``scaled_sizes`` are
-    the ``[w, h]`` of the resized images."""
+    the ``[w, h]`` of the resized images; ``flipped``: the maps of the flipped image, if any."""
     for i, fmap in enumerate(maps):
-        write_map(h5, f"conv5_{i}", fmap, storage)
+        write_map(h5, map_name(i), fmap, storage)
+    for i, fmap in enumerate(flipped):
+        write_map(h5, map_name(i, flip=True), fmap, storage)
     h5.attrs["width"] = int(width)
     h5.attrs["height"] = int(height)
     h5.attrs["scales"] = np.asarray(scales, dtype=np.int64)
@@ -274,10 +287,15 @@ def read_feature_item(path: Path, load_maps: bool = True) -> FeatureItem:
                            map_shapes=tuple(map_shape(f, name) for name in names), maps=maps)
 
 
-def read_scale_map(path: Path, scale_index: int) -> np.ndarray:
-    """The conv5 map of one scale of a features item, ``[C, H, W]`` in the storage dtype."""
+def read_scale_map(path: Path, scale_index: int, flip: bool = False) -> np.ndarray:
+    """The conv5 map of one scale of a features item (of the flipped image when ``flip``),
+    ``[C, H, W]`` in the storage dtype."""
     with h5py.File(path, "r") as f:
-        return read_map(f, f"conv5_{int(scale_index)}")
+        name = map_name(scale_index, flip)
+        if name not in f:
+            raise ValueError(f"{path} holds no map of the flipped image; extract features with fine-tuning's "
+                             "flip on (the planner does this when finetune.flip = true)")
+        return read_map(f, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,8 +305,8 @@ class FeatureMaps:
 
     items_dir: Path
 
-    def __call__(self, image_id: str, scale_index: int) -> np.ndarray:
-        return read_scale_map(Path(self.items_dir) / f"{image_id}.h5", scale_index)
+    def __call__(self, image_id: str, scale_index: int, flip: bool = False) -> np.ndarray:
+        return read_scale_map(Path(self.items_dir) / f"{image_id}.h5", scale_index, flip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,13 +346,29 @@ def image_maps(trunk: torch.nn.Module, image_id: str, images: Sequence[torch.Ten
     return maps, conv_seconds
 
 
+def sample_maps(trunk: torch.nn.Module, sample: dict, scales: Sequence[int], fp: FeatureParams, device: str,
+                trunk_name: str, flip: bool) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+    """(maps, maps of the flipped image or [], forward seconds) of one decoded sample.
+
+    The flipped image is the resized image mirrored: mirroring commutes with the symmetric
+    bilinear resize, so it is the flipped original at that scale (the release writes flipped
+    JPEGs and runs the net on those)."""
+    maps, seconds = image_maps(trunk, sample["id"], sample["images"], scales, fp, device, trunk_name)
+    flipped = []
+    if flip:
+        mirrored = [image.flip(-1).contiguous() for image in sample["images"]]
+        flipped, more = image_maps(trunk, sample["id"], mirrored, scales, fp, device, trunk_name)
+        seconds += more
+    return maps, flipped, seconds
+
+
 def _write_sample(path: Path, sample: dict, maps: Sequence[np.ndarray], scales: Sequence[int], conv_seconds: float,
-                  storage: str) -> None:
+                  storage: str, flipped: Sequence[np.ndarray] = ()) -> None:
     sizes = [[int(image.shape[2]), int(image.shape[1])] for image in sample["images"]]
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as h5:
             write_feature_item(h5, maps, sample["width"], sample["height"], scales, sample["factors"], sizes,
-                               conv_seconds, sample["decode_seconds"], storage)
+                               conv_seconds, sample["decode_seconds"], storage, flipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +384,7 @@ class ExtractJob:
     features: FeatureParams
     device: str
     images: tuple[tuple[str, str, str], ...]  # (image id, image path, item path)
+    flip: bool = False
 
 
 @functools.lru_cache(maxsize=1)
@@ -372,8 +407,8 @@ def extract_job(job: ExtractJob) -> list[str]:
         images, factors = scale_image(image, scales, job.features.max_side)
         sample = {"id": image_id, "width": int(image.shape[1]), "height": int(image.shape[0]), "images": images,
                   "factors": factors, "decode_seconds": time.perf_counter() - started}
-        maps, conv_seconds = image_maps(trunk, image_id, images, scales, job.features, job.device, trunk_name)
-        _write_sample(Path(item_path), sample, maps, scales, conv_seconds, job.features.storage)
+        maps, flipped, seconds = sample_maps(trunk, sample, scales, job.features, job.device, trunk_name, job.flip)
+        _write_sample(Path(item_path), sample, maps, scales, seconds, job.features.storage, flipped)
         done.append(image_id)
     return done
 
@@ -389,7 +424,8 @@ def _extract_on_cluster(params: Params, inputs: Inputs, out: StageRun, pending: 
     dataset = inputs.dataset
     triples = [(i, str(dataset.image_path(i)), str(out.item_path(i))) for i in pending]
     jobs = [ExtractJob(inputs.source, params.net, params.features, inputs.device,
-                       tuple(triples[k:k + IMAGES_PER_TASK])) for k in range(0, len(triples), IMAGES_PER_TASK)]
+                       tuple(triples[k:k + IMAGES_PER_TASK]), inputs.flip)
+            for k in range(0, len(triples), IMAGES_PER_TASK)]
     map_images(extract_job, jobs, scheduler=inputs.scheduler, desc="features", unit="task")
 
 
@@ -418,8 +454,8 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
                             shuffle=False, num_workers=inputs.workers,
                             pin_memory=torch.device(device).type == "cuda")
         for sample in progress(loader, total=len(pending), desc="features", unit="img"):
-            maps, conv_seconds = image_maps(trunk, sample["id"], sample["images"], scales, fp, device, arch["trunk"])
-            write_item(out, sample, maps, scales, conv_seconds, fp.storage)
+            maps, flipped, seconds = sample_maps(trunk, sample, scales, fp, device, arch["trunk"], inputs.flip)
+            write_item(out, sample, maps, scales, seconds, fp.storage, flipped)
     wall = time.perf_counter() - started
 
     means = item_means(out.items_dir, ids, ["conv_seconds", "decode_seconds"])
@@ -429,6 +465,7 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
         "max_side": int(fp.max_side),
         "dtype": fp.dtype,
         "storage": fp.storage,
+        "flip": inputs.flip,
         "autocast": fp.autocast,
         "conv_seconds_per_image": means["conv_seconds"],
         "decode_seconds_per_image": means["decode_seconds"],
@@ -442,6 +479,6 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
 
 
 def write_item(out: StageRun, sample: dict, maps: Sequence[np.ndarray], scales: Sequence[int], conv_seconds: float,
-               storage: str) -> None:
+               storage: str, flipped: Sequence[np.ndarray] = ()) -> None:
     """Write one image's item atomically (a kill leaves no half-written item)."""
-    _write_sample(out.item_path(sample["id"]), sample, maps, scales, conv_seconds, storage)
+    _write_sample(out.item_path(sample["id"]), sample, maps, scales, conv_seconds, storage, flipped)

@@ -11,9 +11,16 @@ after fc6 and fc7, ``lr`` for ``lr_step`` mini-batches and ``lr / 10`` after, ``
 mini-batches in all. Biases learn at twice the rate and without weight decay, as in the
 authors' Caffe definitions (``blobs_lr: 1, 2``; ``weight_decay: 1, 0``).
 
-Memory: only the selected windows' (image, row, label, scale, cells), about 27 bytes each, are
-held for the whole split (:class:`~sppcli.detector.windows.WindowSet`; ~75 MB for VOC 2007's
-~2.8M fine-tuning windows). Their pooled vectors
+Augmentations (``random_scale``, ``flip``; both on in pipelines/voc2007.toml, as the release's
+``spp_finetune_voc.m`` and ``Script_spp_voc.m`` run): each sampled window is pooled at a scale
+drawn uniformly from all of them, and the horizontally flipped training images join the
+originals, their windows pooled from the conv5 maps of the flipped images themselves (the
+features stage extracts them when fine-tuning asks; :class:`SplitGeometry` maps a mirrored
+window onto them).
+
+Memory: only the selected windows' (image, row, label, scale, cells, box), about 43 bytes each,
+are held for the whole split (:class:`~sppcli.detector.windows.WindowSet`; ~120 MB for VOC
+2007's ~2.8M fine-tuning windows). Their pooled vectors
 (:class:`~sppcli.detector.pooled_features.PooledFeatures`) are made all at once when they fit in
 ``max_cache_bytes`` (the demo), otherwise per chunk of up to 500 mini-batches (the release's data
 load), grouped by image so each image's conv5 map is read once per chunk, with the next chunk
@@ -55,8 +62,10 @@ from sppcli.nets.heads import detection_head, pooled_permutation
 from sppcli.nets.net_source import load_net_for_features
 from sppcli.nets.checkpoint import arch_of, save_checkpoint
 from sppcli.nets.heads import FcHead
+from sppcli.ops.geometry import FieldGeometry, window_to_cells
 from sppcli.parallel import map_images, progress, resolve_device, single_torch_thread
-from sppcli.stages.pool import pooled_features_of
+from sppcli.stages.features import read_feature_item
+from sppcli.stages.pool import geometry_of, pooled_features_of
 from sppcli.detector.pooled_features import PooledFeatures
 from sppcli.detector.windows import (
     FinetuneSampler,
@@ -147,13 +156,13 @@ def check_params(params: FinetuneParams) -> None:
 
 def select_image(path: str, fg_iou: float, bg_iou_low: float, num_classes: int) -> tuple[tuple, tuple]:
     """Positive and negative windows of one pool item, each ``(rows, labels, scale_index,
-    cells)`` (labels 1..K for positives, 0 for negatives); top level for process pools."""
+    cells, boxes)`` (labels 1..K for positives, 0 for negatives); top level for process pools."""
     windows = read_pool_windows(Path(path))
     if len(windows) and windows.overlaps.shape[1] != num_classes:
         raise ValueError(f"{path}: overlaps has {windows.overlaps.shape[1]} classes, expected {num_classes}")
     fg, labels, bg = finetune_selection(windows.overlaps, fg_iou, bg_iou_low)
-    return ((fg, labels, windows.scale_index[fg], windows.cells[fg]),
-            (bg, np.zeros(len(bg), np.int16), windows.scale_index[bg], windows.cells[bg]))
+    return ((fg, labels, windows.scale_index[fg], windows.cells[fg], windows.boxes[fg]),
+            (bg, np.zeros(len(bg), np.int16), windows.scale_index[bg], windows.cells[bg], windows.boxes[bg]))
 
 
 def select_windows(paths: Sequence[str], params: FinetuneParams, num_classes: int, workers: int = 1,
@@ -167,37 +176,103 @@ def select_windows(paths: Sequence[str], params: FinetuneParams, num_classes: in
     return positives, negatives
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class SplitGeometry:
+    """Where each image's windows land on its maps at every scale, for the augmentations.
+
+    Attributes:
+        widths: int ``[I]`` image widths (flipping mirrors ``x`` about them).
+        factors: float ``[I, S]`` resize factor of each image at each scale.
+        map_hw: int ``[I, S, 2]`` conv5 map height and width (the flipped image's are the same).
+        field: the trunk's receptive-field geometry.
+    """
+
+    widths: np.ndarray
+    factors: np.ndarray
+    map_hw: np.ndarray
+    field: FieldGeometry
+
+    @classmethod
+    def of(cls, features: Manifest, image_ids: Sequence[str]) -> "SplitGeometry":
+        items = [read_feature_item(features.item_path(i), load_maps=False) for i in image_ids]
+        return cls(widths=np.array([it.width for it in items], np.float64),
+                   factors=np.array([it.scale_factors for it in items], np.float64).reshape(len(items), -1),
+                   map_hw=np.array([[shape[1:] for shape in it.map_shapes] for it in items],
+                                   np.int64).reshape(len(items), -1, 2),
+                   field=geometry_of(features))
+
+    @property
+    def scales(self) -> int:
+        return int(self.factors.shape[1])
+
+    def cells(self, image: np.ndarray, boxes: np.ndarray, scale: np.ndarray, flip: np.ndarray) -> np.ndarray:
+        """int32 ``[M, 4]`` cells of windows ``boxes`` of images ``image`` at ``scale``, on the
+        flipped image's map where ``flip`` (its window is the box mirrored: ``x -> W - x``)."""
+        boxes = np.asarray(boxes, np.float64).copy()
+        width = self.widths[image]
+        mirrored = np.stack([width - boxes[:, 2], width - boxes[:, 0]], axis=1)
+        boxes[flip, 0], boxes[flip, 2] = mirrored[flip, 0], mirrored[flip, 1]
+        scaled = torch.from_numpy(boxes * self.factors[image, scale][:, None])
+        hw = torch.from_numpy(self.map_hw[image, scale])
+        return window_to_cells(scaled, self.field, hw[:, 0], hw[:, 1]).numpy().astype(np.int32)
+
+
 class SelectedFeatures:
     """Pooled vectors of the selected windows (positives, then negatives) by index.
 
-    In memory when all of them fit in ``max_cache_bytes`` (made in one pass over the images),
-    otherwise made per request (:meth:`PooledFeatures.gather`). Both give the same rows.
+    In memory when all of them fit in ``max_cache_bytes`` (made in one pass over the images;
+    with the augmentations, every (window, flip, scale) they can ask for), otherwise made per
+    request (:meth:`PooledFeatures.gather`). Both give the same rows.
     """
 
     def __init__(self, pooled: PooledFeatures, image_ids: Sequence[str], selected: WindowSet,
-                 max_cache_bytes: int, progress=None):
+                 max_cache_bytes: int, geometry: SplitGeometry | None = None, flip: bool = False,
+                 random_scale: bool = False, progress=None):
         self.pooled = pooled
         self.image_ids = list(image_ids)
         self.selected = selected
+        self.geometry = geometry
+        self.flips = 2 if flip else 1
+        self.scale_choices = geometry.scales if random_scale else 1
+        self.random_scale = random_scale
         self.row_bytes = pooled.row_bytes
         self.cache: np.ndarray | None = None
-        if len(selected) * self.row_bytes <= max_cache_bytes:
-            self.cache = self._make(selected, progress)
+        variants = self.flips * self.scale_choices
+        if variants * len(selected) * self.row_bytes <= max_cache_bytes:
+            parts = []
+            for f in range(self.flips):
+                for s in range(self.scale_choices):
+                    count = len(selected)
+                    parts.append(self._make(np.arange(count), np.full(count, bool(f)),
+                                            np.full(count, s if random_scale else -1), progress))
+            self.cache = np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     @property
     def in_memory(self) -> bool:
         return self.cache is not None
 
-    def _make(self, windows: WindowSet, progress=None) -> np.ndarray:
-        return self.pooled.gather(self.image_ids, windows.image, windows.row, windows.scale_index, windows.cells,
+    def _make(self, indices: np.ndarray, flip: np.ndarray, scale: np.ndarray, progress=None) -> np.ndarray:
+        w = self.selected.take(indices)
+        moved = flip | (scale >= 0)
+        if not moved.any():
+            return self.pooled.gather(self.image_ids, w.image, w.row, w.scale_index, w.cells, progress=progress)
+        scale = np.where(scale >= 0, scale, w.scale_index).astype(np.int64)
+        cells = w.cells.copy()
+        cells[moved] = self.geometry.cells(w.image[moved], w.boxes[moved], scale[moved], flip[moved])
+        return self.pooled.gather(self.image_ids, w.image, w.row, scale, cells, flip=flip, stored=False,
                                   progress=progress)
 
-    def get(self, indices: np.ndarray) -> np.ndarray:
-        """Rows ``[len(indices), D]`` (storage dtype) of the selected windows ``indices``."""
+    def get(self, indices: np.ndarray, flip: np.ndarray | None = None, scale: np.ndarray | None = None
+            ) -> np.ndarray:
+        """Rows ``[len(indices), D]`` (storage dtype) of the selected windows ``indices``, on the
+        flipped image where ``flip`` and at ``scale`` where it is >= 0 (else the chosen one)."""
         indices = np.asarray(indices, dtype=np.int64)
-        if self.cache is not None:
-            return self.cache[indices]
-        return self._make(self.selected.take(indices))
+        flip = np.zeros(indices.size, bool) if flip is None else np.asarray(flip, bool)
+        scale = np.full(indices.size, -1) if scale is None else np.asarray(scale, np.int64)
+        if self.cache is None or (self.random_scale and (scale < 0).any()):  # a chosen scale was not cached
+            return self._make(indices, flip, scale)
+        variant = flip.astype(np.int64) * self.scale_choices + (scale if self.random_scale else 0)
+        return self.cache[indices + len(self.selected) * variant]
 
     def chunk_batches(self, batch_rows: int, max_cache_bytes: int, limit: int = STREAMING_CHUNK_LIMIT) -> int:
         """How many mini-batches of ``batch_rows`` rows fit in ``max_cache_bytes`` (1 to ``limit``)."""
@@ -305,7 +380,8 @@ def _chunk(sampler: FinetuneSampler, reader: SelectedFeatures, n_positive: int, 
     """The mini-batches ``start..stop-1`` and their features, read in one request."""
     batches = [sampler.batch(i) for i in range(start, stop)]
     index = np.concatenate([np.concatenate([b.fg, n_positive + b.bg]) for b in batches])
-    return batches, reader.get(index)
+    return batches, reader.get(index, np.concatenate([b.flip for b in batches]),
+                               np.concatenate([b.scale for b in batches]))
 
 
 def train(head: FcHead, reader: SelectedFeatures, sampler: FinetuneSampler, params: FinetuneParams,
@@ -405,7 +481,8 @@ def finetuned_net(net, head: FcHead, pool_levels: Sequence[int]):
 
 def train_on_pool_items(head: FcHead, pooled: PooledFeatures, image_ids: Sequence[str], positives: WindowSet,
                         negatives: WindowSet, sampler: FinetuneSampler, params: FinetuneParams, device: torch.device,
-                        out: StageRun, max_cache_bytes: int) -> tuple[np.ndarray, int, dict[str, Any]]:
+                        out: StageRun, max_cache_bytes: int, geometry: SplitGeometry | None = None
+                        ) -> tuple[np.ndarray, int, dict[str, Any]]:
     """:func:`train` on the selected windows' pooled vectors.
 
     Returns (stats, the iteration this run started from, ``{"in_memory", "cache_seconds",
@@ -413,7 +490,7 @@ def train_on_pool_items(head: FcHead, pooled: PooledFeatures, image_ids: Sequenc
     """
     t_read = time.perf_counter()
     selected = WindowSet.join(positives, negatives)
-    reader = SelectedFeatures(pooled, image_ids, selected, max_cache_bytes,
+    reader = SelectedFeatures(pooled, image_ids, selected, max_cache_bytes, geometry, params.flip, params.random_scale,
                               progress=lambda it, total: progress(it, total=total, desc="finetune: cache"))
     if reader.in_memory:
         log.info("finetune: %d windows' features in memory (%.1f MB)", len(selected),
@@ -438,7 +515,9 @@ def run(params: FinetuneParams, inputs: Inputs, out: StageRun) -> Manifest:
     paths = [str(inputs.pool.item_path(i)) for i in inputs.image_ids]
 
     positives, negatives = select_windows(paths, params, len(classes), inputs.workers, inputs.scheduler)
-    sampler = FinetuneSampler(positives, negatives, params.batch_size, params.fg_fraction, params.seed)
+    geometry = SplitGeometry.of(inputs.features, inputs.image_ids) if params.flip or params.random_scale else None
+    sampler = FinetuneSampler(positives, negatives, params.batch_size, params.fg_fraction, params.seed,
+                              flip=params.flip, random_scales=geometry.scales if params.random_scale else 0)
     if len(positives) == 0 or len(negatives) == 0:
         log.warning("finetune: %d positive and %d negative windows; every mini-batch is all %s",
                     len(positives), len(negatives), "negatives" if len(positives) == 0 else "positives")
@@ -454,7 +533,7 @@ def run(params: FinetuneParams, inputs: Inputs, out: StageRun) -> Manifest:
     head.to(device)
     pooled = pooled_features_of(inputs.pool, inputs.features, map_cache_bytes=inputs.map_cache_bytes)
     stats, resumed_from, reading = train_on_pool_items(head, pooled, inputs.image_ids, positives, negatives, sampler,
-                                                       params, device, out, inputs.max_cache_bytes)
+                                                       params, device, out, inputs.max_cache_bytes, geometry)
 
     net = finetuned_net(net, head.cpu(), pool_levels)
     arch = arch_of(net)
@@ -476,6 +555,8 @@ def run(params: FinetuneParams, inputs: Inputs, out: StageRun) -> Manifest:
         "positives_per_batch": sampler.n_fg,
         "negatives_per_batch": sampler.n_bg,
         "features_in_memory": reading["in_memory"],
+        "random_scale": bool(params.random_scale),
+        "flip": bool(params.flip),
         "map_reads": reading["map_reads"],
         "classes": classes,
         "labels": [BACKGROUND] + classes,

@@ -2,7 +2,8 @@
 
 Per image, the windows are its ground-truth boxes (all of them, difficult ones included) followed
 by its proposals. Each window is assigned to one scale's conv5 map: the scale at which its area is
-closest to 224 x 224 (:func:`sppcli.ops.geometry.best_scale_index`). The window, multiplied by
+closest to ``pool.target_size`` squared (224 x 224 in the paper, 208 x 208 in the release;
+:func:`sppcli.ops.geometry.best_scale_index`). The window, multiplied by
 that scale's resize factor, is mapped onto inclusive conv5 cells with the trunk's receptive-field
 geometry (:func:`sppcli.ops.geometry.window_to_cells`). Those cells, max-pooled into
 ``pool.levels`` (1x1, 2x2, 3x3, 6x6 by default: 50 bins, 12,800-d for 256 channels) by
@@ -94,13 +95,15 @@ def geometry_of(features: Manifest | Mapping) -> FieldGeometry:
 # per-window computations (pure functions)
 
 
-def assign_windows(boxes: np.ndarray, item: FeatureItem, geometry: FieldGeometry) -> tuple[np.ndarray, np.ndarray]:
+def assign_windows(boxes: np.ndarray, item: FeatureItem, geometry: FieldGeometry, target_size: int = 224
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """The scale and conv5 cells of every window.
 
     Args:
         boxes: float ``[N, 4]`` internal ``(x1, y1, x2, y2)`` in original image coordinates.
         item: the image's features item (``map_shapes`` and ``scale_factors``; maps not needed).
         geometry: the trunk's :class:`~sppcli.ops.geometry.FieldGeometry`.
+        target_size: a window goes to the scale where its area is nearest ``target_size^2``.
 
     Returns:
         ``(scale_index int8 [N], cells int32 [N, 4])``.
@@ -110,7 +113,7 @@ def assign_windows(boxes: np.ndarray, item: FeatureItem, geometry: FieldGeometry
     cells = np.empty((count, 4), dtype=np.int32)
     if count == 0:
         return np.empty(0, dtype=np.int8), cells
-    scale_index = best_scale_index(boxes_t, item.scale_factors)
+    scale_index = best_scale_index(boxes_t, item.scale_factors, target_area=float(target_size) ** 2)
     for i, (factor, (_, map_h, map_w)) in enumerate(zip(item.scale_factors, item.map_shapes)):
         rows = torch.nonzero(scale_index == i).flatten()
         if rows.numel():
@@ -119,10 +122,10 @@ def assign_windows(boxes: np.ndarray, item: FeatureItem, geometry: FieldGeometry
 
 
 def pool_windows(boxes: np.ndarray, item: FeatureItem, geometry: FieldGeometry, levels: Sequence[int],
-                 dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 dtype: Any = np.float32, target_size: int = 224) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pool every window on its best scale: ``(scale_index int8 [N], cells int32 [N, 4],
     features [N, C * sum(n * n)] of dtype)``; ``item`` must have its maps loaded."""
-    scale_index, cells = assign_windows(boxes, item, geometry)
+    scale_index, cells = assign_windows(boxes, item, geometry, target_size)
     features = np.empty((len(cells), pooled_dim(int(item.map_shapes[0][0]), levels)), dtype=dtype)
     for i, fmap in enumerate(item.maps):
         rows = np.flatnonzero(scale_index == i)
@@ -179,15 +182,15 @@ class PoolJob:
 
 
 def pool_image(job: PoolJob, *, levels: Sequence[int], dtype: str, geometry: FieldGeometry, num_classes: int,
-               store_features: bool = False) -> dict:
+               store_features: bool = False, target_size: int = 224) -> dict:
     """Write one image's window table (and pooled vectors) atomically. Returns a small summary."""
     with single_torch_thread():
         return _pool_image(job, levels=levels, dtype=dtype, geometry=geometry, num_classes=num_classes,
-                           store_features=store_features)
+                           store_features=store_features, target_size=target_size)
 
 
 def _pool_image(job: PoolJob, *, levels: Sequence[int], dtype: str, geometry: FieldGeometry, num_classes: int,
-                store_features: bool) -> dict:
+                store_features: bool, target_size: int) -> dict:
     started = time.perf_counter()
     proposals, attrs = read_proposal_item(Path(job.proposals_path))
     width, height = int(attrs["width"]), int(attrs["height"])
@@ -200,9 +203,9 @@ def _pool_image(job: PoolJob, *, levels: Sequence[int], dtype: str, geometry: Fi
     boxes = np.concatenate([gt_boxes, proposals], axis=0)
     num_gt = gt_boxes.shape[0]
     if store_features:
-        scale_index, cells, features = pool_windows(boxes, item, geometry, levels, np.dtype(dtype))
+        scale_index, cells, features = pool_windows(boxes, item, geometry, levels, np.dtype(dtype), target_size)
     else:
-        (scale_index, cells), features = assign_windows(boxes, item, geometry), None
+        (scale_index, cells), features = assign_windows(boxes, item, geometry, target_size), None
     overlaps, assigned = window_overlaps(boxes, gt_boxes, gt_labels, num_classes)
     is_gt = np.zeros(boxes.shape[0], dtype=bool)
     is_gt[:num_gt] = True
@@ -235,6 +238,8 @@ def _pool_image(job: PoolJob, *, levels: Sequence[int], dtype: str, geometry: Fi
 def _check_params(params: PoolParams) -> None:
     if params.dtype not in STORAGE_DTYPES:
         raise ValueError(f"pool.dtype = {params.dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
+    if params.target_size < 1:
+        raise ValueError(f"pool.target_size must be positive, got {params.target_size}")
     if not params.levels or any(int(n) < 1 for n in params.levels) or len(set(params.levels)) != len(params.levels):
         raise ValueError(f"pool.levels must be distinct positive integers, got {params.levels!r}")
 
@@ -283,7 +288,8 @@ def run(params: PoolParams, inputs: Inputs, out: StageRun) -> Manifest:
                             item_path=str(out.item_path(image_id)), gt_boxes=gt.boxes.astype(np.float32),
                             gt_labels=gt.labels.astype(np.int16), gt_difficult=gt.difficult.astype(bool)))
     fn = functools.partial(pool_image, levels=levels, dtype=params.dtype, geometry=geometry,
-                           num_classes=len(classes), store_features=params.store_features)
+                           num_classes=len(classes), store_features=params.store_features,
+                           target_size=params.target_size)
     log.info("pool: %d of %d images to do, levels %s (%d-d), %d classes, pooled vectors %s", len(pending), len(ids),
              levels, pooled_dim(channels, levels), len(classes),
              "stored" if params.store_features else "pooled on the fly by each consumer")

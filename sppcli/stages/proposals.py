@@ -63,6 +63,8 @@ def check_params(params: ProposalParams) -> None:
         raise ValueError(f"proposals.mode must be one of {', '.join(MODES)}, got {params.mode!r}")
     if params.max_boxes < 1:
         raise ValueError(f"proposals.max_boxes must be >= 1, got {params.max_boxes}")
+    if params.imported_max_boxes < 0:
+        raise ValueError(f"proposals.imported_max_boxes must be >= 0 (0 = all), got {params.imported_max_boxes}")
     if params.min_size < 0:
         raise ValueError(f"proposals.min_size must be >= 0, got {params.min_size}")
     if params.max_side < 16:
@@ -281,7 +283,7 @@ def run(params: ProposalParams, inputs: Inputs, out: StageRun) -> Manifest:
         fmt, one_based, order = parse_convention(params.imported, params.imported_convention)
         summary = import_proposals(Path(params.imported), dataset, out, fmt=fmt,
                                    one_based_inclusive=one_based, order=order,
-                                   min_size=params.min_size, max_boxes=params.max_boxes)
+                                   min_size=params.min_size, max_boxes=params.imported_max_boxes or None)
         source = {"source": "imported", "imported": str(Path(params.imported).resolve()), **summary}
     else:
         pending = out.pending(dataset.ids)

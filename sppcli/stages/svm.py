@@ -12,8 +12,10 @@ Following the authors' release (itself R-CNN's ``rcnn_train.m``):
   difficult objects in training: R-CNN's ``roidb_from_voc`` reads every object, and the SPP
   release's experiment scripts call theirs with ``with_hard_samples = false``, which keeps them);
 * negatives of class c: windows (proposals and other classes' ground truths) whose IoU with
-  every ground truth of c is ``< neg_iou``, of which a window overlapping an earlier kept one by
-  more than ``neg_dedup_iou`` is dropped (:func:`sppcli.detector.svm.dedup_negatives`, per image);
+  every ground truth of c is ``< neg_iou``, deduplicated per image (:func:`image_negatives`) by
+  the paper's rule (``svm.neg_dedup = "iou"``: a window overlapping an earlier kept one by more
+  than ``neg_dedup_iou`` is dropped) or the release's (``"cells"``: one window per distinct conv5
+  cells and scale);
 * hard-negative mining is :func:`sppcli.detector.svm.train_class_svm` (one pass over the images).
 
 Every class is trained in the same pass over the images: each image's pool item is read and its
@@ -54,6 +56,7 @@ from sppcli.detector.svm import (
     SvmModel,
     dedup_negatives,
     feature_scale,
+    unique_windows,
     save_svms,
     train_class_svm,
 )
@@ -108,6 +111,8 @@ def check_params(params: SvmParams) -> None:
         raise ValueError("svm.neg_iou and svm.neg_dedup_iou must be in (0, 1]")
     if params.retrain_limit < 0:
         raise ValueError(f"svm.retrain_limit must be >= 0, got {params.retrain_limit}")
+    if params.neg_dedup not in NEG_DEDUPS:
+        raise ValueError(f"svm.neg_dedup = {params.neg_dedup!r}; use one of {', '.join(NEG_DEDUPS)}")
     if params.cache_dtype not in STORAGE_DTYPES:
         raise ValueError(f"svm.cache_dtype = {params.cache_dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
 
@@ -210,12 +215,27 @@ def collect_positives(paths: Sequence[Path], pooled: PooledFeatures, num_classes
     return [np.concatenate(parts) if parts else np.zeros((0, features.dim), np.float32) for parts in per_class]
 
 
-def image_negatives(windows, num_classes: int, neg_iou: float, dedup_iou: float) -> list[np.ndarray]:
+NEG_DEDUPS = ("iou", "cells")
+
+
+def image_negatives(windows, num_classes: int, neg_iou: float, dedup_iou: float, dedup: str = "iou"
+                    ) -> list[np.ndarray]:
     """Per class, the rows of one image's deduplicated negatives (int64, ascending).
 
-    Classes absent from the image share one candidate set (every window), so its
+    ``dedup``: ``"iou"``, the paper's rule, drops a class's negative that overlaps an earlier
+    kept one by more than ``dedup_iou`` (:func:`sppcli.detector.svm.dedup_negatives`);
+    ``"cells"``, the release's (``spp_train.m`` through ``spp_features_convX_to_poolX`` with
+    ``dedup``), keeps one window per distinct (conv5 cells, scale) among all the image's windows,
+    the first, and each class's negatives are those of its candidates that were kept: windows
+    with identical vectors are one negative, and far more negatives survive than under the
+    paper's rule. Classes absent from the image share one candidate set (every window), so its
     deduplication is computed once.
     """
+    if dedup not in NEG_DEDUPS:
+        raise ValueError(f"svm.neg_dedup = {dedup!r}; use one of {', '.join(NEG_DEDUPS)}")
+    distinct = np.zeros(len(windows), dtype=bool)
+    if dedup == "cells":
+        distinct[unique_windows(windows.cells, windows.scale_index)] = True
     memo: dict[bytes, np.ndarray] = {}
     out = []
     for c in range(num_classes):
@@ -223,7 +243,8 @@ def image_negatives(windows, num_classes: int, neg_iou: float, dedup_iou: float)
         rows = svm_negative_rows(column, neg_iou)
         key = rows.tobytes()
         if key not in memo:
-            memo[key] = rows[dedup_negatives(windows.boxes[rows], dedup_iou)]
+            memo[key] = rows[distinct[rows]] if dedup == "cells" else rows[dedup_negatives(windows.boxes[rows],
+                                                                                          dedup_iou)]
         out.append(memo[key])
     return out
 
@@ -345,7 +366,7 @@ def mining_batches(paths: Sequence[Path], pooled: PooledFeatures, num_classes: i
     """
     for path in progress(paths, total=len(paths), desc="svm: mining"):
         windows = read_pool_windows(path)
-        rows = image_negatives(windows, num_classes, params.neg_iou, params.neg_dedup_iou)
+        rows = image_negatives(windows, num_classes, params.neg_iou, params.neg_dedup_iou, params.neg_dedup)
         needed = np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
         feats = np.zeros((0, features.dim), np.float32)
         if needed.size:

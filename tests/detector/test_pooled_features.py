@@ -64,7 +64,7 @@ def test_on_the_fly_rows_equal_stored_rows_bit_for_bit(tmp_path):
 
     reads = []
 
-    def load(image_id, s):
+    def load(image_id, s, flip=False):
         reads.append((image_id, s))
         return images[image_id][s]
 
@@ -99,7 +99,7 @@ def test_map_cache_keeps_the_first_maps_that_fit():
     maps = {(i, 0): np.zeros(100, np.float16) for i in range(5)}  # 200 bytes each
     loads = []
 
-    def load(image_id, s):
+    def load(image_id, s, flip=False):
         loads.append(image_id)
         return maps[(image_id, s)]
 

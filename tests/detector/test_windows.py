@@ -76,8 +76,9 @@ def test_regression_selection():
 
 
 def _sets(n_fg, n_bg):
-    fg = WindowSet.concat([(0, np.arange(n_fg), np.arange(n_fg) % 3 + 1, np.zeros(n_fg), np.zeros((n_fg, 4)))])
-    bg = WindowSet.concat([(0, np.arange(n_bg), np.zeros(n_bg), np.zeros(n_bg), np.zeros((n_bg, 4)))])
+    fg = WindowSet.concat([(0, np.arange(n_fg), np.arange(n_fg) % 3 + 1, np.zeros(n_fg), np.zeros((n_fg, 4)),
+                            np.zeros((n_fg, 4)))])
+    bg = WindowSet.concat([(0, np.arange(n_bg), np.zeros(n_bg), np.zeros(n_bg), np.zeros((n_bg, 4)), np.zeros((n_bg, 4)))])
     return fg, bg
 
 
@@ -97,6 +98,33 @@ def test_sampler_fractions_and_determinism():
     # over many batches every positive is drawn about equally often
     counts = np.bincount(np.concatenate([sampler.batch(i).fg for i in range(200)]), minlength=100)
     assert counts.min() > 0 and counts.max() < 3 * counts.mean()
+
+
+def test_sampler_augmentations():
+    fg, bg = _sets(100, 1000)
+    plain = FinetuneSampler(fg, bg, 128, 0.25, seed=7)
+    flips = FinetuneSampler(fg, bg, 128, 0.25, seed=7, flip=True)
+    scales = FinetuneSampler(fg, bg, 128, 0.25, seed=7, random_scales=5)
+    # off, they change nothing: the plain sampler's draws, no flips, the chosen scales
+    p = plain.batch(3)
+    assert not p.flip.any() and (p.scale == -1).all()
+    s = scales.batch(3)
+    np.testing.assert_array_equal(s.fg, p.fg)
+    np.testing.assert_array_equal(s.bg, p.bg)
+    # random scales: uniform over 0..4, deterministic per iteration
+    drawn = np.concatenate([scales.batch(i).scale for i in range(300)])
+    assert set(drawn.tolist()) == set(range(5)) and np.bincount(drawn).min() > 0.8 * len(drawn) / 5
+    np.testing.assert_array_equal(scales.batch(9).scale, FinetuneSampler(fg, bg, 128, 0.25, 7, random_scales=5).batch(9).scale)
+    # flips: half the population is the flipped copy; indices stay in range, labels follow the window
+    batches = [flips.batch(i) for i in range(300)]
+    share = np.mean(np.concatenate([b.flip for b in batches]))
+    assert 0.45 < share < 0.55
+    for b in batches[:20]:
+        assert b.fg.max() < 100 and b.bg.max() < 1000 and len(b.flip) == 128
+        np.testing.assert_array_equal(b.labels[:32], fg.label[b.fg])
+    # a flipped and an unflipped copy of the same window can both be drawn
+    pairs = {(int(w), bool(f)) for b in batches for w, f in zip(b.fg, b.flip[:32])}
+    assert any((w, True) in pairs and (w, False) in pairs for w, _ in pairs)
 
 
 def test_sampler_with_too_few_or_no_windows():
@@ -160,12 +188,13 @@ def test_read_pool_windows_and_stored_feature_rows(tmp_path):
 
 
 def test_window_set_take_and_join():
-    a = WindowSet.concat([(0, [1, 2], [3, 3], [0, 1], [[0, 0, 1, 1], [1, 1, 2, 2]])])
-    b = WindowSet.concat([(4, [7], [0], [1], [[2, 2, 3, 3]])])
+    a = WindowSet.concat([(0, [1, 2], [3, 3], [0, 1], [[0, 0, 1, 1], [1, 1, 2, 2]], [[0, 0, 9, 9], [1, 1, 8, 8]])])
+    b = WindowSet.concat([(4, [7], [0], [1], [[2, 2, 3, 3]], [[5, 5, 6, 6]])])
     both = WindowSet.join(a, b)
     assert len(both) == 3 and both.image.tolist() == [0, 0, 4] and both.cells[2].tolist() == [2, 2, 3, 3]
     picked = both.take([2, 0])
     assert picked.row.tolist() == [7, 1] and picked.scale_index.tolist() == [1, 0]
+    assert picked.boxes.tolist() == [[5, 5, 6, 6], [0, 0, 9, 9]]
     assert len(WindowSet.concat([])) == 0 and WindowSet.concat([]).cells.shape == (0, 4)
 
 

@@ -192,3 +192,18 @@ def test_scaled_size_hand_worked():
     assert scaled_size(2000, 500, 688, 1000) == (1000, 250, 0.5)
     # 3 x 2 to short side 3: factor 1.5, width 4.5 rounds half up to 5.
     assert scaled_size(3, 2, 3, 100) == (5, 3, 1.5)
+
+
+def test_window_to_cells_with_a_map_size_per_window():
+    geometry = receptive_field([(7, 2, 1), (3, 2, 1), (5, 2, 0), (3, 2, 1), (3, 1, 1)])
+    rng = torch.Generator().manual_seed(3)
+    boxes = torch.rand(40, 4, generator=rng, dtype=torch.float64) * 300
+    boxes = torch.cat([boxes[:, :2].minimum(boxes[:, 2:]), boxes[:, :2].maximum(boxes[:, 2:]) + 1], dim=1)
+    heights = torch.randint(1, 20, (40,), generator=rng)
+    widths = torch.randint(1, 20, (40,), generator=rng)
+    together = window_to_cells(boxes, geometry, heights, widths)
+    for i in range(40):
+        alone = window_to_cells(boxes[i:i + 1], geometry, int(heights[i]), int(widths[i]))
+        assert together[i].tolist() == alone[0].tolist()
+    with pytest.raises(ValueError, match="at least 1 x 1"):
+        window_to_cells(boxes[:2], geometry, torch.tensor([3, 0]), torch.tensor([3, 3]))

@@ -167,3 +167,67 @@ def test_bad_params_are_reported():
         finetune.check_params(FinetuneParams(bg_iou_low=0.6))
     with pytest.raises(ValueError, match="iterations"):
         finetune.check_params(FinetuneParams(iterations=0))
+
+
+AUGMENTED = ("finetune.flip=true", "finetune.random_scale=true")
+
+
+def test_flipped_and_random_scale_samples_are_the_flipped_images_windows(tmp_path_factory, tiny_devkit, tiny_weights):
+    """Each augmented sample equals, by a slow independent path, the window mirrored onto the net's
+    conv5 map of the flipped image at the drawn scale, pooled by the per-window reference."""
+    from sppcli.nets.checkpoint import load_checkpoint
+    from sppcli.nets.sppnet import preprocess
+    from sppcli.ops.geometry import window_to_cells
+    from sppcli.ops.spp_pool import spp_pool_reference
+
+    cache = tiny_upstream(tmp_path_factory, tiny_devkit, tiny_weights, *AUGMENTED)
+    planner = planner_for(cache, tiny_devkit, tiny_weights, *AUGMENTED, *FAST)
+    feats_plan = planner.plan("features")
+    assert feats_plan.params.get("flip") is True and "flip" not in planner.plan("features", "test").params
+    feats = planner.store.manifest("features", feats_plan.dataset, feats_plan.key)
+    pool_m = pool_manifest(planner)
+    ids = list(planner.dataset("trainval").ids)
+    net, _, _ = load_checkpoint(tiny_weights)
+    geometry = pool.geometry_of(feats)
+
+    # the flipped maps are the net run on the mirrored image
+    item = features.read_feature_item(feats.item_path(ids[0]))
+    image = planner.dataset("trainval").load_image(ids[0])
+    for s, scale in enumerate(item.scales):
+        resized = features.scale_image(image, [scale], 400)[0][0].permute(1, 2, 0).numpy()
+        with torch.no_grad():
+            want = net.features(preprocess(np.ascontiguousarray(resized[:, ::-1]))[None])[0].numpy()
+        got = features.read_scale_map(feats.item_path(ids[0]), s, flip=True)
+        np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+    positives, negatives = finetune.select_windows([str(pool_m.item_path(i)) for i in ids], planner.config.finetune, 8)
+    selected = finetune.WindowSet.join(positives, negatives)
+    reader = finetune.SelectedFeatures(pool.pooled_features_of(pool_m, feats), ids, selected, 0,
+                                       finetune.SplitGeometry.of(feats, ids), flip=True, random_scale=True)
+    rng = np.random.default_rng(1)
+    pick = rng.choice(len(selected), 12, replace=False)
+    flip = np.arange(12) % 2 == 0
+    scale = rng.integers(0, 2, 12)
+    got = reader.get(pick, flip, scale)
+    for k, j in enumerate(pick):
+        image_id = ids[selected.image[j]]
+        it = features.read_feature_item(feats.item_path(image_id), load_maps=False)
+        x1, y1, x2, y2 = selected.boxes[j].astype(np.float64)
+        box = [it.width - x2, y1, it.width - x1, y2] if flip[k] else [x1, y1, x2, y2]
+        fmap = features.read_scale_map(feats.item_path(image_id), scale[k], flip=flip[k]).astype(np.float64)
+        cells = window_to_cells(torch.tensor([box], dtype=torch.float64) * it.scale_factors[scale[k]], geometry,
+                                fmap.shape[1], fmap.shape[2])
+        want = spp_pool_reference(torch.from_numpy(fmap), cells)[0].numpy().astype(np.float16)
+        np.testing.assert_array_equal(got[k], want)
+    # in memory (every variant made once) and on request agree
+    cached = finetune.SelectedFeatures(pool.pooled_features_of(pool_m, feats), ids, selected, 10**9,
+                                       finetune.SplitGeometry.of(feats, ids), flip=True, random_scale=True)
+    assert cached.in_memory and not reader.in_memory
+    assert cached.get(pick, flip, scale).tobytes() == got.tobytes()
+    assert cached.get(pick).tobytes() == reader.get(pick).tobytes()
+
+    manifest, ran = _run(planner)
+    assert ran and manifest.metrics["flip"] and manifest.metrics["random_scale"]
+    plain, _ = _run(planner_for(tiny_upstream(tmp_path_factory, tiny_devkit, tiny_weights), tiny_devkit, tiny_weights,
+                                *FAST))
+    assert not plain.metrics["flip"] and manifest.key != plain.key

@@ -189,3 +189,25 @@ def test_stage_counts_images_left_without_boxes(hand_devkit, tmp_path):
     assert manifest.metrics["empty_images"] == 1 and manifest.metrics["empty_image_ids"] == ["b"]
     assert manifest.metrics["mean_boxes"] == pytest.approx(1.0)
     assert manifest.metrics["recall@0.5"] == pytest.approx(2 / 3, abs=1e-4)
+
+
+def test_imported_boxes_are_all_kept_unless_capped(hand_devkit, tmp_path):
+    # 2,500 distinct boxes for image "a": more than proposals.max_boxes (2,000), which caps
+    # computed proposals only; imported ones are all kept, as both releases use them.
+    rng = np.random.default_rng(0)
+    xs = [(a, b) for a in range(40) for b in range(a + 1, 41)]
+    ys = [(a, b) for a in range(30) for b in range(a + 1, 31)]
+    picks = rng.choice(len(xs) * len(ys), 2500, replace=False)
+    many = np.array([[xs[p // len(ys)][0], ys[p % len(ys)][0], xs[p // len(ys)][1], ys[p % len(ys)][1]]
+                     for p in picks], dtype=np.float64)
+    source = tmp_path / "boxes.npz"
+    np.savez(source, a=many, b=BOXES["b"])
+    base = [f"dataset.devkit={str(hand_devkit)!r}", f"proposals.imported={str(source)!r}", "proposals.min_size=0"]
+    counts = {}
+    for cap in (None, 100):
+        config = load_config(None, base + ([f"proposals.imported_max_boxes={cap}"] if cap else []))
+        planner = Planner(ArtifactStore(tmp_path / "cache"), config)
+        manifest, _ = run_stage(planner, proposals, planner.plan("proposals", "test"), RunOptions(),
+                                log=lambda msg: None)
+        counts[cap] = len(read_proposal_item(manifest.item_path("a"))[0])
+    assert counts[None] == len(many) > 2000 and counts[100] == 100

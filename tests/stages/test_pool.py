@@ -236,3 +236,21 @@ def test_elephants(elephants_devkit, tiny_weights, tmp_path):
             proposals = f["boxes"][()]
         check_item(item, pooled, gt, proposals, features.read_feature_item(feats.item_path(image_id)),
                    pool.geometry_of(feats), 1)
+
+
+def test_target_size_picks_the_scale_as_the_release_does():
+    # Scales 480 and 874 of a 500 x 375 image (factors 1.28 and 2.331). A 120 x 120 window wants
+    # factor 224/120 = 1.867 with the paper's 224: 0.464 from 2.331, 0.587 from 1.28, so 874;
+    # and 208/120 = 1.733 with the release's 208: 0.453 from 1.28, 0.597 from 2.331, so 480.
+    from sppcli.ops.geometry import FieldGeometry
+    from sppcli.stages.features import FeatureItem
+
+    item = FeatureItem(width=500, height=375, scales=(480, 874), scale_factors=(480 / 375, 874 / 375),
+                       scaled_sizes=np.array([[640, 480], [1165, 874]]), map_shapes=((8, 30, 40), (8, 54, 72)),
+                       maps=())
+    geometry = FieldGeometry(stride=16, offset0=8.5, offset=8.0)
+    box = np.array([[100, 100, 220, 220]], np.float32)
+    paper, _ = pool.assign_windows(box, item, geometry, target_size=224)
+    release, cells = pool.assign_windows(box, item, geometry, target_size=208)
+    assert paper.tolist() == [1] and release.tolist() == [0]
+    assert (cells[0, 2:] < [40, 30]).all()  # cells lie on the 480 map

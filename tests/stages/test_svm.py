@@ -43,6 +43,27 @@ def test_negatives_exclude_windows_near_the_class(cache, tiny_devkit, tiny_weigh
             assert not windows.is_gt[rows][windows.gt_label[rows] == c].any()
 
 
+def test_release_dedup_keeps_one_window_per_cells_and_scale(cache, tiny_devkit, tiny_weights):
+    planner = planner_for(cache, tiny_devkit, tiny_weights)
+    pool = pool_manifest(planner)
+    more = 0
+    for image_id in planner.dataset("trainval").ids[:4]:
+        windows = read_pool_windows(pool.item_path(image_id))
+        per_class = svm.image_negatives(windows, 8, neg_iou=0.3, dedup_iou=0.7, dedup="cells")
+        paper = svm.image_negatives(windows, 8, neg_iou=0.3, dedup_iou=0.7, dedup="iou")
+        seen = {}  # reference: the first row of every (cells, scale) over all the image's windows
+        for i, (cells, scale) in enumerate(zip(windows.cells.tolist(), windows.scale_index.tolist())):
+            seen.setdefault((tuple(cells), scale), i)
+        first = set(seen.values())
+        for c, rows in enumerate(per_class):
+            candidates = [i for i in range(len(windows)) if windows.overlaps[i, c] < 0.3]
+            assert rows.tolist() == [i for i in candidates if i in first], (image_id, c)
+            more += len(rows) - len(paper[c])
+    assert more > 0  # the release's rule keeps more negatives than the paper's
+    with pytest.raises(ValueError, match="svm.neg_dedup"):
+        svm.image_negatives(windows, 8, 0.3, 0.7, dedup="boxes")
+
+
 def test_one_pass_equals_one_training_per_class():
     rng = np.random.default_rng(0)
     dim, n_images = 6, 7
