@@ -1,172 +1,331 @@
-"""The paper's headline (section 4.3, Table 6): conv features for K windows, R-CNN vs SPP-net.
+"""The paper's Table 6 timing rows, measured honestly: R-CNN vs SPP-net, conv + pool + fc.
 
-* R-CNN: crop every window from the image, warp it to 224 x 224 (227 for AlexNet), and run the
-  conv trunk on each warped crop (batched).
-* SPP-net: resize the whole image once (min(w, h) = 688; also the 5-scale
-  {480, 576, 688, 864, 1200} variant), run the trunk once per scale, then map every window onto
-  its best scale's conv5 cells and pyramid-pool it (levels 1, 2, 3, 6) with the pool stage's code
-  (single-threaded, as the stage runs it; float16 output, without the HDF5 write).
+Both sides run the same full-width ZF-5 trunk (random weights, seeded) at the same precision, and
+each its own fc head with 4,096-d fc6 and fc7:
 
-To stay runnable on a 2-core CPU, R-CNN is timed on a sample of ``--rcnn-sample`` windows and
-extrapolated linearly to K (its cost is exactly linear in the window count: each window is one
-fixed-size forward pass); the output says so. SPP is timed on all K windows. Windows are random
-proposal-like boxes (log-uniform sides from 16 px to the whole image): R-CNN's cost does not
-depend on them, and SPP's pooling depends only on their number.
+* R-CNN, per window: crop, warp to 224 x 224, conv1-5 (at the batch size and memory layout that
+  ran fastest in a calibration round), pool5 (max 3x3/2: 6 x 6 x 256 = 9,216-d),
+  fc6, fc7. The conv work is timed on ``--rcnn-sample`` windows and extrapolated linearly to all
+  of them (each window is one fixed-size forward pass; the output says so); fc6/fc7 run on all
+  the windows.
+* SPP-net, per image: resize to every scale (one: min side 688; five: the release's
+  480, 576, 688, 874, 1200) and run conv1-5 once per scale; pool every window on its scale's map
+  (the stages' own code: float16 maps as stored, 1x1 + 2x2 + 3x3 + 6x6 = 12,800-d, windows with
+  identical cells pooled once, one thread) and run fc6/fc7 on the distinct windows, as `detect`
+  does.
 
-Run: python bench/bench_rcnn_vs_spp.py [--image PATH] [--trunk zf5|alexnet] [--windows 100 500 2000]
-     [--rcnn-sample 32] [--device cpu|cuda] [--repeats 3]
+The image is a real photo (voc-elephants 000003.jpg, 500 x 375 as most VOC images) and the windows its selective-search
+boxes, topped up with random boxes to ``--windows`` if selective search found fewer (the output
+says how many). Each side is timed in every one of ``--rounds`` interleaved rounds and the medians
+are reported, beside each side's achieved GFLOP/s and the FLOP ratio of the conv work, which is
+the ceiling of the conv speed-up when both sides run equally efficiently.
+
+``--svd R6 R7`` adds SPP rows with fc6 / fc7 replaced by their rank-R truncated SVD (Fast R-CNN's
+trick, ``detect.svd_ranks``); their mAP cost is measured on the embedded data
+(bench/RESULTS.md). ``pool_vs_floor`` is spp_pool's time for the windows over the time of one
+write of a freshly allocated array of its output's size and dtype (both one thread). The last
+line is machine-readable:
+
+    table6: conv_1=<x> conv_5=<x> overall_1=<x> overall_5=<x> pool_vs_floor=<x>
+
+Run: python bench/bench_rcnn_vs_spp.py [--precision float32|bfloat16] [--svd 512 256] [--rounds 5]
 """
 from __future__ import annotations
 
 import argparse
-import sys
+import copy
+import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from sppcli.data.voc import load_rgb
+from sppcli.detector.pooled_features import pool_rows
+from sppcli.detector.windows import distinct_windows
+from sppcli.nets.checkpoint import build_net
+from sppcli.nets.heads import FcHead, truncated_svd_head
+from sppcli.nets.sppnet import normalize
+from sppcli.ops.geometry import best_scale_index, scaled_size, window_to_cells
+from sppcli.stages.features import prepare_trunk, resize_uint8, scale_image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from sppcli.data.voc import load_rgb  # noqa: E402
-from sppcli.nets.checkpoint import build_net  # noqa: E402
-from sppcli.nets.sppnet import normalize  # noqa: E402
-from sppcli.stages.features import FeatureItem, conv5_map, resize_uint8, scale_image  # noqa: E402
-from sppcli.stages.pool import pool_windows, single_torch_thread  # noqa: E402
-
 ELEPHANTS = REPO.parent / "shared" / "data" / "voc-elephants" / "VOC2007"
 if not ELEPHANTS.exists():
     ELEPHANTS = Path("/work/shared/data/voc-elephants/VOC2007")
-WARP = {"zf5": 224, "alexnet": 227}
-ONE_SCALE, FIVE_SCALES = (688,), (480, 576, 688, 864, 1200)
+ONE_SCALE, FIVE_SCALES = (688,), (480, 576, 688, 874, 1200)
 LEVELS = (1, 2, 3, 6)
+PAPER = {"rcnn_conv": 8.96, "rcnn_fc": 0.07, "spp_conv_1": 0.053, "spp_conv_5": 0.293, "spp_fc": 0.089}
 
 
-def random_windows(rng: np.random.Generator, width: int, height: int, count: int) -> np.ndarray:
-    sides = np.exp(rng.uniform(np.log(16), np.log(max(width, height)), size=(count, 2)))
-    sides = np.minimum(sides, [width, height])
-    corners = rng.uniform(0, 1, size=(count, 2)) * ([width, height] - sides)
-    return np.round(np.concatenate([corners, corners + sides], axis=1)).astype(np.float32)
+def windows_of(image: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+    """``count`` boxes: the image's selective-search windows, then random ones if too few."""
+    from sppcli.stages.proposals import selective_search
+
+    boxes = selective_search(image, "fast", count, 16, 500)
+    found = len(boxes)
+    if found < count:
+        rng = np.random.default_rng(0)
+        height, width = image.shape[:2]
+        sides = np.exp(rng.uniform(np.log(16), np.log(max(width, height)), (count - found, 2)))
+        sides = np.minimum(sides, [width, height])
+        corners = rng.uniform(0, 1, (count - found, 2)) * ([width, height] - sides)
+        boxes = np.concatenate([boxes, np.round(np.c_[corners, corners + sides])]).astype(np.float32)
+    return boxes[:count], found
 
 
-def sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+def conv_macs(trunk: torch.nn.Module, height: int, width: int) -> int:
+    """Multiply-adds of the trunk's convolutions on one ``height x width`` input."""
+    total = 0
 
+    def hook(module, inputs, output):
+        nonlocal total
+        kh, kw = module.kernel_size
+        total += output.numel() // output.shape[0] * module.in_channels // module.groups * kh * kw
 
-def best_of(repeats: int, fn) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - started)
-    return best, result
-
-
-def rcnn_seconds(trunk, image: torch.Tensor, boxes: np.ndarray, warp: int, batch: int, device: str) -> tuple[float, float]:
-    """(warp seconds, conv seconds) for ``boxes``: crop + warp each window, run the trunk on each."""
-    started = time.perf_counter()
-    crops = []
-    for x1, y1, x2, y2 in boxes.astype(int):
-        crop = image[:, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)]
-        crops.append(resize_uint8(crop, warp, warp))
-    warped = torch.stack(crops)
-    warp_seconds = time.perf_counter() - started
-    sync(device)
-    started = time.perf_counter()
+    handles = [m.register_forward_hook(hook) for m in trunk.modules() if isinstance(m, torch.nn.Conv2d)]
     with torch.inference_mode():
-        for begin in range(0, len(warped), batch):
-            trunk(normalize(warped[begin:begin + batch].to(device)))
-    sync(device)
-    return warp_seconds, time.perf_counter() - started
+        trunk(torch.zeros(1, 3, height, width))
+    for handle in handles:
+        handle.remove()
+    return total
 
 
-def spp_conv(trunk, image_hwc: np.ndarray, scales, device: str) -> tuple[float, FeatureItem]:
-    """(seconds, features item): resize the whole image to every scale and run the trunk once per scale.
+def head_macs(head: FcHead) -> int:
+    return sum(m.in_features * m.out_features for m in head.modules() if isinstance(m, torch.nn.Linear)
+               and m is not getattr(head, "fc8", None))
 
-    The seconds cover the resizing, the forward passes and the copy of the maps to the host (the
-    pool stage pools stored maps on the CPU).
-    """
+
+def timed(fn):
     started = time.perf_counter()
-    resized, factors = scale_image(image_hwc, scales, max_side=2000)
-    maps = [conv5_map(trunk, image, device, "none")[0].float().cpu().numpy() for image in resized]
-    seconds = time.perf_counter() - started
-    item = FeatureItem(width=image_hwc.shape[1], height=image_hwc.shape[0], scales=tuple(scales),
-                       scale_factors=tuple(factors), scaled_sizes=np.zeros((len(scales), 2), np.int64),
-                       maps=tuple(maps))
-    return seconds, item
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+class Rcnn:
+    """R-CNN's test-time features of windows: warp, conv, pool5, fc6, fc7 (one head of its own)."""
+
+    def __init__(self, trunk, head: FcHead, image: np.ndarray, precision: torch.dtype | None):
+        self.base = trunk
+        self.trunk, self.head, self.precision = copy.deepcopy(trunk), head, precision
+        self.image = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+        self.batch, self.channels_last = 32, False
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=self.precision, enabled=self.precision is not None)
+
+    def warp(self, boxes: np.ndarray) -> torch.Tensor:
+        crops = [resize_uint8(self.image[:, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)], 224, 224)
+                 for x1, y1, x2, y2 in boxes.astype(int)]
+        return torch.stack(crops)
+
+    def pool5(self, warped: torch.Tensor) -> torch.Tensor:
+        out = []
+        with torch.inference_mode(), self.autocast():
+            for begin in range(0, len(warped), self.batch):
+                x = normalize(warped[begin:begin + self.batch])
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+
+                conv5 = self.trunk(x)
+                out.append(F.max_pool2d(conv5, 3, 2, ceil_mode=True).flatten(1).float())
+        return torch.cat(out)
+
+    def fc(self, pool5: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), self.autocast():
+            return self.head.fc7_features(pool5)
+
+    def calibrate(self, boxes: np.ndarray) -> str:
+        """Pick the fastest batch size and memory layout for the conv work."""
+        warped = self.warp(boxes)
+        best = (float("inf"), None)
+        for channels_last in (False, True):
+            self.trunk = copy.deepcopy(self.base).to(
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            for batch in (8, 16, 32, 64):
+                self.batch, self.channels_last = batch, channels_last
+                self.pool5(warped[:batch])  # warm-up of this shape
+                seconds = min(timed(lambda: self.pool5(warped))[0] for _ in range(2))
+                best = min(best, (seconds, (batch, channels_last)))
+        self.batch, self.channels_last = best[1]
+        self.trunk = copy.deepcopy(self.base).to(
+            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        return f"batch {self.batch}, {'channels_last' if self.channels_last else 'contiguous'}"
+
+
+class Spp:
+    """SPP-net's test-time features of windows, as the stages compute them."""
+
+    def __init__(self, trunk, head: FcHead, image: np.ndarray, scales, precision: torch.dtype | None):
+        # as the features stage runs it (features.memory_format = channels_last)
+        self.trunk = prepare_trunk(copy.deepcopy(trunk), "channels_last")
+        self.head, self.image, self.scales, self.precision = head, image, scales, precision
+        self.geometry = trunk.geometry
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=self.precision, enabled=self.precision is not None)
+
+    def conv(self) -> tuple[list[np.ndarray], list[float]]:
+        resized, factors = scale_image(self.image, self.scales, max_side=2000)
+        maps = []
+        with torch.inference_mode(), self.autocast():
+            for image in resized:
+                x = normalize(image[None]).contiguous(memory_format=torch.channels_last)
+                maps.append(self.trunk(x)[0].to(torch.float16).contiguous().numpy())  # stored as float16
+        return maps, factors
+
+    def assign(self, boxes: np.ndarray, maps, factors) -> tuple[np.ndarray, np.ndarray]:
+        boxes_t = torch.from_numpy(boxes.astype(np.float64))
+        scale = best_scale_index(boxes_t, factors, target_area=208.0 ** 2).numpy()
+        cells = np.zeros((len(boxes), 4), np.int64)
+        for s, (factor, fmap) in enumerate(zip(factors, maps)):
+            rows = np.flatnonzero(scale == s)
+            if rows.size:
+                cells[rows] = window_to_cells(boxes_t[rows] * factor, self.geometry, fmap.shape[1], fmap.shape[2]).numpy()
+        return scale, cells
+
+    def pool(self, maps, scale: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        first, _ = distinct_windows(scale, cells)
+        out = np.empty((len(first), 256 * 50), np.float16)
+        torch.set_num_threads(1)  # as the stages pool (parallelism comes from processes)
+        try:
+            for s, fmap in enumerate(maps):
+                rows = np.flatnonzero(scale[first] == s)
+                if rows.size:
+                    out[rows] = pool_rows(fmap, cells[first[rows]], LEVELS, np.dtype(np.float16))
+        finally:
+            torch.set_num_threads(self.threads)
+        return out
+
+    def fc(self, pooled: np.ndarray, head: FcHead | None = None) -> torch.Tensor:
+        with torch.inference_mode(), self.autocast():
+            return (head or self.head).fc7_features(torch.from_numpy(pooled).float())
+
+
+def pool_floor(rows: int, dim: int, dtype) -> float:
+    """Seconds of one write of a freshly allocated ``[rows, dim]`` array (the output's floor)."""
+    seconds = []
+    for _ in range(5):
+        started = time.perf_counter()
+        np.empty((rows, dim), dtype).fill(1)
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image", type=Path, default=ELEPHANTS / "JPEGImages" / "000001.jpg")
-    parser.add_argument("--trunk", choices=sorted(WARP), default="zf5")
-    parser.add_argument("--windows", type=int, nargs="+", default=[100, 500, 2000])
-    parser.add_argument("--rcnn-sample", type=int, default=32, help="windows R-CNN is actually timed on")
-    parser.add_argument("--batch", type=int, default=32, help="R-CNN warped crops per forward pass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--no-five-scale", action="store_true", help="skip the 5-scale SPP rows")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # 500 x 375, VOC's most common size (the FLOP ratio depends on the aspect ratio)
+    parser.add_argument("--image", type=Path, default=ELEPHANTS / "JPEGImages" / "000003.jpg")
+    parser.add_argument("--windows", type=int, default=2000)
+    parser.add_argument("--rcnn-sample", type=int, default=64, help="windows R-CNN's conv is timed on")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                        help="both sides' conv and fc")
+    parser.add_argument("--svd", type=int, nargs=2, default=None, metavar=("R6", "R7"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    precision = None if args.precision == "float32" else torch.bfloat16
 
     torch.manual_seed(0)
-    net = build_net({"trunk": args.trunk, "width": 1.0, "num_classes": 21}).to(args.device).eval()
-    trunk, geometry = net.trunk, net.trunk.geometry
-    image_hwc = load_rgb(args.image)
-    height, width = image_hwc.shape[:2]
-    image_chw = torch.from_numpy(np.array(image_hwc)).permute(2, 0, 1).contiguous()
-    rng = np.random.default_rng(0)
-    all_boxes = random_windows(rng, width, height, max(args.windows))
-    warp = WARP[args.trunk]
+    net = build_net({"trunk": "zf5", "width": 1.0, "levels": [6, 3, 2, 1], "hidden": 4096, "num_classes": 21}).eval()
+    trunk = net.trunk
+    spp_head = net.head.eval()
+    rcnn_head = FcHead(256 * 36, 4096, 0.5).eval()
+    image = load_rgb(args.image)
+    height, width = image.shape[:2]
+    boxes, found = windows_of(image, args.windows)
+    rcnn = Rcnn(trunk, rcnn_head, image, precision)
+    layout = rcnn.calibrate(boxes[:args.rcnn_sample])
+    sample = boxes[:args.rcnn_sample]
+    sides = {"1": Spp(trunk, spp_head, image, ONE_SCALE, precision), "5": Spp(trunk, spp_head, image, FIVE_SCALES, precision)}
+    for side in sides.values():
+        side.threads = args.threads
+    svd_head = truncated_svd_head(spp_head, *args.svd).eval() if args.svd else None
 
-    # warm-up: first calls allocate and pick kernels
-    rcnn_seconds(trunk, image_chw, all_boxes[:2], warp, args.batch, args.device)
-    spp_conv(trunk, image_hwc, ONE_SCALE, args.device)
+    # warm-up, then interleaved rounds
+    rcnn.fc(rcnn.pool5(rcnn.warp(sample[:2])))
+    for side in sides.values():
+        maps, factors = side.conv()
+        side.fc(side.pool(maps, *side.assign(boxes[:4], maps, factors)))
+    times: dict[str, list[float]] = {}
 
-    sample = all_boxes[:args.rcnn_sample]
-    _, (warp_s, conv_s) = best_of(args.repeats, lambda: rcnn_seconds(trunk, image_chw, sample, warp, args.batch,
-                                                                        args.device))
-    per_window = (warp_s + conv_s) / len(sample)
+    def record(name: str, seconds: float) -> None:
+        times.setdefault(name, []).append(seconds)
 
-    variants = [("1-scale", ONE_SCALE)] + ([] if args.no_five_scale else [("5-scale", FIVE_SCALES)])
-    spp = {}
-    for name, scales in variants:
-        # The conv work does not depend on K: measured once per variant, pooling per K.
-        conv, item = best_of(args.repeats, lambda: spp_conv(trunk, image_hwc, scales, args.device)[1])
-        for k in args.windows:
-            with single_torch_thread():  # as the pool stage runs it
-                pool_s, _ = best_of(args.repeats, lambda: pool_windows(all_boxes[:k], item, geometry, LEVELS,
-                                                                       np.float16))
-            spp[name, k] = (conv, pool_s)
+    distinct = {}
+    for _ in range(args.rounds):
+        warp_s, warped = timed(lambda: rcnn.warp(sample))
+        conv_s, pool5 = timed(lambda: rcnn.pool5(warped))
+        record("rcnn_warp", warp_s / len(sample) * len(boxes))
+        record("rcnn_conv", conv_s / len(sample) * len(boxes))
+        all_pool5 = pool5.repeat((len(boxes) + len(sample) - 1) // len(sample), 1)[:len(boxes)]
+        record("rcnn_fc", timed(lambda: rcnn.fc(all_pool5))[0])
+        for key, side in sides.items():
+            conv_s, (maps, factors) = timed(side.conv)
+            assign_s, (scale, cells) = timed(lambda: side.assign(boxes, maps, factors))
+            pool_s, pooled = timed(lambda: side.pool(maps, scale, cells))
+            fc_s, _ = timed(lambda: side.fc(pooled))
+            distinct[key] = len(pooled)
+            record(f"spp{key}_conv", conv_s)
+            record(f"spp{key}_pool", assign_s + pool_s)
+            record(f"spp{key}_fc", fc_s)
+            if svd_head is not None:
+                record(f"spp{key}_fc_svd", timed(lambda: side.fc(pooled, svd_head))[0])
+        if "floor" not in times:
+            maps, factors = sides["1"].conv()
+            scale, cells = sides["1"].assign(boxes, maps, factors)
+            torch.set_num_threads(1)
+            pool_only = timed(lambda: pool_rows(maps[0], cells, LEVELS, np.dtype(np.float16)))[0]
+            torch.set_num_threads(args.threads)
+            record("floor", pool_floor(len(boxes), 256 * 50, np.float16))
+            record("pool_only", pool_only)
+    med = {k: statistics.median(v) for k, v in times.items()}
 
-    print(f"image {args.image.name} ({width} x {height}), {args.trunk} full width (random weights), "
-          f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, best of "
-          f"{args.repeats}")
-    print(f"R-CNN: timed on {len(sample)} windows (warp {warp_s:.3f} s + conv {conv_s:.3f} s, batch {args.batch}, "
-          f"{warp} x {warp}) = {per_window * 1e3:.1f} ms/window, EXTRAPOLATED linearly to K windows")
-    header = ["K", "R-CNN s (extrap.)"]
-    for name, scales in variants:
-        header += [f"SPP {name} resize+conv s", f"SPP {name} pool s", f"SPP {name} total s", f"speed-up {name}"]
-    print(" | ".join(header))
-    for k in args.windows:
-        rcnn = per_window * k
-        cells = [str(k), f"{rcnn:.2f}"]
-        for name, _ in variants:
-            conv, pool_s = spp[name, k]
-            total = conv + pool_s
-            cells += [f"{conv:.3f}", f"{pool_s:.3f}", f"{total:.3f}", f"{rcnn / total:.0f}x"]
-        print(" | ".join(cells))
-    conv_only = {name: spp[name, max(args.windows)][0] for name, _ in variants}
-    k = max(args.windows)
-    print("conv only at K = %d (the paper's Table 6 'conv time' row): R-CNN %.2f s; %s" % (
-        k, conv_s / len(sample) * k,
-        "; ".join(f"SPP {name} {conv_only[name]:.3f} s ({conv_s / len(sample) * k / conv_only[name]:.0f}x)"
-                  for name in conv_only)))
-    print("paper (GPU, ZF-5, ~2000 windows): R-CNN 8.96 s, SPP 1-scale 0.053 s (170x), 5-scale 0.293 s (30x)")
+    # work, for GFLOP/s and the ceiling of the conv speed-up
+    rcnn_conv_macs = conv_macs(trunk, 224, 224) * len(boxes)
+    spp_conv_macs = {key: sum(conv_macs(trunk, *scaled_size(width, height, s, 2000)[1::-1]) for s in side.scales)
+                     for key, side in sides.items()}
+    rcnn_fc_macs = head_macs(rcnn_head) * len(boxes)
+    spp_fc_macs = {key: head_macs(spp_head) * distinct[key] for key in sides}
+
+    print(f"image {args.image.name} ({width} x {height}), {len(boxes)} windows ({found} from selective search"
+          f"{'' if found >= len(boxes) else f', {len(boxes) - found} random'}), full-width ZF-5 (random weights), "
+          f"{args.precision} on both sides, torch {torch.__version__}, {args.threads} CPU threads, medians of "
+          f"{args.rounds} interleaved rounds")
+    print(f"R-CNN: conv timed on {len(sample)} warped 224 x 224 windows ({layout}) and EXTRAPOLATED linearly to "
+          f"{len(boxes)}; its conv time includes the warping ({med['rcnn_warp']:.2f} s) as SPP's includes the resizing")
+    rows = [("R-CNN", med["rcnn_conv"] + med["rcnn_warp"], 0.0, med["rcnn_fc"], rcnn_conv_macs, rcnn_fc_macs)]
+    for key in sides:
+        rows.append((f"SPP {key}-scale", med[f"spp{key}_conv"], med[f"spp{key}_pool"], med[f"spp{key}_fc"],
+                     spp_conv_macs[key], spp_fc_macs[key]))
+        if svd_head is not None:
+            rows.append((f"SPP {key}-scale, SVD {args.svd[0]}/{args.svd[1]}", med[f"spp{key}_conv"],
+                         med[f"spp{key}_pool"], med[f"spp{key}_fc_svd"], spp_conv_macs[key],
+                         head_macs(svd_head) * distinct[key]))
+    base_conv, base_total = rows[0][1], rows[0][1] + rows[0][3]
+    print(f"{'':<26}{'conv s':>9}{'pool s':>8}{'fc s':>8}{'total s':>9}{'conv x':>8}{'total x':>9}"
+          f"{'conv GFLOP/s':>14}{'fc GFLOP/s':>12}")
+    for name, conv, pool, fc, cmacs, fmacs in rows:
+        total = conv + pool + fc
+        print(f"{name:<26}{conv:>9.3f}{pool:>8.3f}{fc:>8.3f}{total:>9.3f}{base_conv / conv:>8.1f}"
+              f"{base_total / total:>9.1f}{2 * cmacs / conv / 1e9:>14.1f}{2 * fmacs / fc / 1e9:>12.1f}")
+    ceiling = {key: rcnn_conv_macs / spp_conv_macs[key] for key in sides}
+    print("FLOP ratio of the conv work (the conv speed-up's ceiling at equal efficiency): "
+          + ", ".join(f"{key}-scale {ceiling[key]:.0f}x" for key in sides)
+          + f"; windows pooled and through fc after dedup: {distinct['1']} (1-scale), {distinct['5']} (5-scale)")
+    print(f"paper (GPU): R-CNN conv {PAPER['rcnn_conv']} s + fc {PAPER['rcnn_fc']} s; SPP conv {PAPER['spp_conv_1']} s "
+          f"(1-scale) / {PAPER['spp_conv_5']} s (5-scale) + fc {PAPER['spp_fc']} s; overall 64x / 24x")
+    pool_vs_floor = med["pool_only"] / med["floor"]
+    print(f"spp_pool of {len(boxes)} windows, one thread, float16: {med['pool_only'] * 1e3:.1f} ms; one write of its "
+          f"output {med['floor'] * 1e3:.1f} ms; ratio {pool_vs_floor:.1f}")
+    best_1 = min((r for r in rows if r[0].startswith("SPP 1")), key=lambda r: r[1] + r[2] + r[3])
+    best_5 = min((r for r in rows if r[0].startswith("SPP 5")), key=lambda r: r[1] + r[2] + r[3])
+    print(f"table6: conv_1={base_conv / rows[1][1]:.1f} conv_5={base_conv / best_5[1]:.1f} "
+          f"overall_1={base_total / sum(best_1[1:4]):.1f} overall_5={base_total / sum(best_5[1:4]):.1f} "
+          f"pool_vs_floor={pool_vs_floor:.1f}")
 
 
 if __name__ == "__main__":

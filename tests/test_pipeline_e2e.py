@@ -138,3 +138,21 @@ def test_make_voc2007_detect_on_real_photos(tmp_path, elephants_devkit, tiny_wei
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert again.stderr.count("up to date") >= 10
+
+
+@pytest.mark.parametrize("overrides", [("detect.precision=bfloat16",), ("detect.svd_ranks=[56, 56]",)])
+def test_fast_detection_options_move_scores_only_a_little(detector, overrides):
+    planner, manifests = detector
+    fast = planner.with_overrides(list(overrides) + ["detect.bbox_reg=false", "detect.score_threshold=-100",
+                                                     "detect.max_per_class_factor=1000"])
+    exact = planner.with_overrides(["detect.bbox_reg=false", "detect.score_threshold=-100",
+                                    "detect.max_per_class_factor=1000"])
+    a, _ = run_stage(exact, _module("detect"), exact.plan("detect", "test"), RunOptions(), log=lambda m: None)
+    b, _ = run_stage(fast, _module("detect"), fast.plan("detect", "test"), RunOptions(), log=lambda m: None)
+    assert a.key != b.key
+    with h5py.File(a.path("detections.h5"), "r") as f, h5py.File(b.path("detections.h5"), "r") as g:
+        sa, sb = np.sort(f["scores"][()]), np.sort(g["scores"][()])
+    # every window scored (threshold -100): the score distributions agree closely
+    assert abs(len(sa) - len(sb)) <= 0.05 * len(sa)
+    top = min(len(sa), len(sb), 50)
+    assert np.abs(sa[-top:] - sb[-top:]).max() < 0.1 * (sa.max() - sa.min())

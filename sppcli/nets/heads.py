@@ -145,7 +145,7 @@ def detection_head(net, pool_levels: Sequence[int]) -> FcHead:
 
 @torch.no_grad()
 def fc_features(head: FcHead, pooled: np.ndarray, layer: str, device: str | torch.device = "cpu",
-                batch: int = 4096) -> np.ndarray:
+                batch: int = 4096, precision: torch.dtype | None = None) -> np.ndarray:
     """Features of pooled windows at ``layer``, in eval mode (no dropout).
 
     Args:
@@ -155,6 +155,8 @@ def fc_features(head: FcHead, pooled: np.ndarray, layer: str, device: str | torc
         layer: ``"pool5"`` (the pooled vector itself), ``"fc6"`` or ``"fc7"`` (after ReLU).
         device: where to run the head; it is moved there and left in eval mode.
         batch: rows per forward pass.
+        precision: None (the head's float32) or a dtype to autocast the matrix products to
+            (``torch.bfloat16``: ~4x faster on CPUs with AVX512-BF16 and on GPUs).
 
     Returns:
         float32 ``[N, D]`` for pool5, ``[N, hidden]`` for fc6 / fc7.
@@ -171,7 +173,34 @@ def fc_features(head: FcHead, pooled: np.ndarray, layer: str, device: str | torc
     head = head.to(device).eval()
     out = np.empty((pooled.shape[0], head.hidden), dtype=np.float32)
     forward = head.fc6_features if layer == "fc6" else head.fc7_features
+    autocast = torch.autocast(torch.device(device).type, dtype=precision, enabled=precision is not None)
     for start in range(0, pooled.shape[0], max(1, int(batch))):
         chunk = torch.from_numpy(np.ascontiguousarray(pooled[start:start + batch], dtype=np.float32)).to(device)
-        out[start:start + chunk.shape[0]] = forward(chunk).float().cpu().numpy()
+        with autocast:
+            out[start:start + chunk.shape[0]] = forward(chunk).float().cpu().numpy()
     return out
+
+
+def truncated_svd_head(head: FcHead, rank6: int, rank7: int) -> FcHead:
+    """A copy of ``head`` with fc6 and fc7 replaced by their rank-``r`` truncated SVDs.
+
+    Fast R-CNN's test-time trick (Girshick 2015, section 3.1): ``W ~ U_r S_r V_r^T`` becomes two
+    layers, ``S_r V_r^T`` (no bias) then ``U_r`` with the original bias, so an ``out x in`` layer
+    costs ``r (in + out)`` multiply-adds instead of ``in x out``. A rank of 0 (or one at least the
+    layer's full rank) keeps that layer as it is. The copy is in eval mode.
+    """
+    new = copy.deepcopy(head)
+    with torch.no_grad():
+        for name, rank in (("fc6", int(rank6)), ("fc7", int(rank7))):
+            layer = getattr(head, name)
+            full = min(layer.in_features, layer.out_features)
+            if rank <= 0 or rank >= full:
+                continue
+            u, s, vh = torch.linalg.svd(layer.weight.detach().double(), full_matrices=False)
+            first = nn.Linear(layer.in_features, rank, bias=False)
+            second = nn.Linear(rank, layer.out_features)
+            first.weight.copy_((s[:rank, None] * vh[:rank]).to(layer.weight.dtype))
+            second.weight.copy_(u[:, :rank].to(layer.weight.dtype))
+            second.bias.copy_(layer.bias)
+            setattr(new, name, nn.Sequential(first, second).to(layer.weight.device))
+    return new.eval()

@@ -81,12 +81,17 @@ def inputs_for(planner, plan, upstream, options) -> Inputs:
 class WindowScorer:
     """Scores of every class for a pool item's windows: SVMs on the layer they were trained on."""
 
-    def __init__(self, svm_manifest: Manifest, bbox_reg_manifest: Manifest | None, device: str):
+    def __init__(self, svm_manifest: Manifest, bbox_reg_manifest: Manifest | None, device: str,
+                 svd_ranks: tuple[int, int] = (0, 0), precision: str = "float32"):
         from sppcli.detector.bbox_reg import load_regressor
-        from sppcli.stages.svm import for_svm
         from sppcli.detector.svm import load_svms
+        from sppcli.nets.heads import truncated_svd_head
+        from sppcli.stages.svm import for_svm
 
         self.layer = for_svm(svm_manifest, device)
+        if self.layer.head is not None and any(svd_ranks):
+            self.layer.head = truncated_svd_head(self.layer.head, *svd_ranks).to(device)
+        self.layer.precision = PRECISIONS[precision]
         models, self.scale, self.class_names = load_svms(svm_manifest.path("svms.npz"))
         dim = next(m.w.shape[0] for m in models.values() if m is not None)
         self.W = np.zeros((dim, len(self.class_names)), dtype=np.float32)
@@ -110,15 +115,17 @@ class WindowScorer:
 
 
 @functools.lru_cache(maxsize=2)
-def _scorer(svm_dir: str, bbox_dir: str | None, device: str) -> WindowScorer:
+def _scorer(svm_dir: str, bbox_dir: str | None, device: str, svd_ranks: tuple[int, int] = (0, 0),
+            precision: str = "float32") -> WindowScorer:
     # One scorer per worker process, built on first use: loading the fc head and SVMs per image
     # would dominate the per-image time.
     svm = Manifest.read(Path(svm_dir) / MANIFEST)
     bbox = Manifest.read(Path(bbox_dir) / MANIFEST) if bbox_dir else None
-    return WindowScorer(svm, bbox, device)
+    return WindowScorer(svm, bbox, device, svd_ranks, precision)
 
 
 ORDERS = ("release", "regress_first")
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 def _regress(regressor, vectors: np.ndarray, inverse: np.ndarray, boxes: np.ndarray, k: int,
@@ -170,7 +177,7 @@ def detect_image(image_id: str, *, pool_item: Path, pooled, out_item: Path, svm_
     from sppcli.detector.windows import distinct_windows, read_pool_windows
 
     t0 = time.perf_counter()
-    scorer = _scorer(svm_dir, bbox_dir, device)
+    scorer = _scorer(svm_dir, bbox_dir, device, tuple(int(r) for r in params.svd_ranks), params.precision)
     windows = read_pool_windows(pool_item, image_id)
     rows = np.flatnonzero(~windows.is_gt)
     boxes = windows.boxes[rows]
@@ -265,9 +272,23 @@ def _combine(own: tuple[np.ndarray, np.ndarray, np.ndarray], others: list[tuple[
     return boxes[keep], scores[keep], labels[keep].astype(np.int16)
 
 
+def check_params(params: Params) -> None:
+    """Raise ValueError naming the bad field and what it accepts, before any work."""
+    if params.order not in ORDERS:
+        raise ValueError(f"detect.order = {params.order!r}; use one of {', '.join(ORDERS)}")
+    if params.precision not in PRECISIONS:
+        raise ValueError(f"detect.precision = {params.precision!r}; use one of {', '.join(PRECISIONS)}")
+    if len(params.svd_ranks) != 2 or min(params.svd_ranks) < 0:
+        raise ValueError(f"detect.svd_ranks must be two ranks >= 0 (fc6, fc7; 0 = exact), got {list(params.svd_ranks)}")
+    if params.max_per_image < 1:
+        raise ValueError(f"detect.max_per_image must be >= 1, got {params.max_per_image}")
+
+
 @single_torch_thread()  # small matrix work: a second OpenMP thread only waits on a busy core
 def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     from sppcli.data.voc import internal_box_to_voc
+
+    check_params(params)
 
     ds = inputs.dataset
     ids = list(ds.ids)

@@ -133,10 +133,11 @@ class LayerFeatures:
         dim: length of the layer's feature vectors.
     """
 
-    def __init__(self, layer: str, head, device: str, pooled_dim: int):
+    def __init__(self, layer: str, head, device: str, pooled_dim: int, precision=None):
         self.layer = layer
         self.head = head
         self.device = device
+        self.precision = precision
         self.dim = int(pooled_dim) if layer == "pool5" else int(head.hidden)
 
     @classmethod
@@ -154,7 +155,7 @@ class LayerFeatures:
 
     def __call__(self, pooled: np.ndarray) -> np.ndarray:
         """float32 ``[N, D_layer]`` from pooled ``[N, D]`` (any float dtype), eval mode."""
-        return fc_features(self.head, pooled, self.layer, self.device)
+        return fc_features(self.head, pooled, self.layer, self.device, precision=self.precision)
 
 
 def window_features(pooled: PooledFeatures, windows, rows: np.ndarray, layer: LayerFeatures

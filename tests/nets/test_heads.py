@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sppcli.nets.checkpoint import build_net
-from sppcli.nets.heads import detection_head, fc_features, pooled_permutation
+from sppcli.nets.heads import FcHead, detection_head, fc_features, pooled_permutation, truncated_svd_head
 from sppcli.ops.spp_pool import spp_pool
 from tests.conftest import TINY_ARCH
 from tests.reference import reorder_pooled
@@ -63,3 +63,24 @@ def test_fc_features_layers_in_eval_mode():
     assert fc_features(net.head, pooled[:0], "fc7").shape == (0, net.head.hidden)
     with pytest.raises(ValueError, match="fc8"):
         fc_features(net.head, pooled, "fc8")
+
+
+def test_truncated_svd_head_is_the_best_rank_r_approximation():
+    torch.manual_seed(2)
+    head = FcHead(40, 24, 0.5).eval()
+    x = torch.randn(7, 40)
+    exact = truncated_svd_head(head, 0, 0)
+    assert torch.equal(exact.fc7_features(x), head.fc7_features(x))  # rank 0: nothing changes
+    full = truncated_svd_head(head, 24, 24)
+    assert isinstance(full.fc6, torch.nn.Linear)
+    low = truncated_svd_head(head, 6, 5)
+    assert low.fc6[0].out_features == 6 and low.fc7[0].out_features == 5
+    # fc6 of the copy is U_r S_r V_r^T: its error is the tail singular values, the optimum (Eckart-Young)
+    w = head.fc6.weight.double()
+    approx = (low.fc6[1].weight.double() @ low.fc6[0].weight.double())
+    s = torch.linalg.svdvals(w)
+    assert torch.linalg.matrix_norm(w - approx).item() == pytest.approx(s[6:].square().sum().sqrt().item(), rel=1e-4)
+    # and a higher rank approximates the exact features better
+    mid = truncated_svd_head(head, 16, 16)
+    err = [(h.fc7_features(x) - head.fc7_features(x)).norm().item() for h in (low, mid)]
+    assert err[1] < err[0]

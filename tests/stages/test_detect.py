@@ -95,3 +95,13 @@ def test_no_candidates_anywhere():
     empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int16))
     kept = select_detections([empty, empty], n_classes=3, params=params)
     assert [k.size for k in kept] == [0, 0]
+
+
+def test_bad_params_are_refused_before_any_work():
+    from sppcli.stages.detect import check_params
+
+    check_params(DetectParams())
+    for bad, match in ((DetectParams(precision="float8"), "detect.precision"), (DetectParams(svd_ranks=(5,)), "svd_ranks"),
+                       (DetectParams(order="x"), "detect.order"), (DetectParams(max_per_image=0), "max_per_image")):
+        with pytest.raises(ValueError, match=match):
+            check_params(bad)

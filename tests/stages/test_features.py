@@ -50,7 +50,7 @@ def devkit_case(request, tiny_devkit, tiny_weights):
 
 def test_maps_are_the_trunks_conv5_of_the_resized_image(devkit_case, tiny_weights, cache_dir):
     devkit, extra = devkit_case
-    config = tiny_config(devkit, tiny_weights, "features.dtype=float32", *extra)
+    config = tiny_config(devkit, tiny_weights, "features.dtype=float32", 'features.memory_format="contiguous"', *extra)
     manifest, ran = run_features(cache_dir, config)
     assert ran and manifest.complete
     net, _, _ = load_checkpoint(tiny_weights)
@@ -88,6 +88,18 @@ def test_maps_are_the_trunks_conv5_of_the_resized_image(devkit_case, tiny_weight
                 assert stored.shape == expected.shape == (net.trunk.out_channels,
                                                           *net.trunk.feature_map_size(new_h, new_w))
                 np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_convolutions_give_the_same_maps_up_to_rounding(tiny_devkit, tiny_weights, tmp_path):
+    fast, _ = run_features(tmp_path / "c", tiny_config(tiny_devkit, tiny_weights, "features.dtype=float32"))
+    plain, _ = run_features(tmp_path / "c", tiny_config(tiny_devkit, tiny_weights, "features.dtype=float32",
+                                                        'features.memory_format="contiguous"'))
+    assert fast.metrics["memory_format"] == "channels_last" and fast.key != plain.key
+    for image_id in Planner(ArtifactStore(tmp_path / "c"), tiny_config(tiny_devkit, tiny_weights)).dataset("trainval").ids:
+        for a, b in zip(read_maps(fast, image_id), read_maps(plain, image_id)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+    with pytest.raises(ValueError, match="memory_format"):
+        features.prepare_trunk(torch.nn.Conv2d(1, 1, 1), "nhwc")
 
 
 def test_sparse_and_dense_storage_hold_the_same_maps(tiny_devkit, tiny_weights, tmp_path):
