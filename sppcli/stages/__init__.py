@@ -28,13 +28,13 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "proposals": Stage(1, "sppcli proposals", per_image=True),
-    "pretrain": Stage(1, "sppcli pretrain", per_image=False),
-    "features": Stage(2, "sppcli extract-features", per_image=True),
+    "pretrain": Stage(2, "sppcli pretrain", per_image=False),
+    "features": Stage(3, "sppcli extract-features", per_image=True),
     "pool": Stage(2, "sppcli pool-windows", per_image=True),
     "finetune": Stage(1, "sppcli finetune-fc", per_image=False),
     "svm": Stage(1, "sppcli train-svm", per_image=False),
     "bbox_reg": Stage(1, "sppcli train-bbox-reg", per_image=False),
     "detect": Stage(1, "sppcli detect", per_image=True),
     "evaluate": Stage(1, "sppcli evaluate", per_image=False),
-    "classify": Stage(1, "sppcli classify", per_image=False),
+    "classify": Stage(2, "sppcli classify", per_image=False),
 }

@@ -24,6 +24,8 @@ names the weights file and the trunk geometry (stride, offsets) that maps window
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -32,7 +34,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -139,6 +141,18 @@ class ScaledImages(Dataset):
         images, factors = scale_image(image, self.scales, self.max_side)
         return {"id": image_id, "width": int(image.shape[1]), "height": int(image.shape[0]),
                 "images": images, "factors": factors, "decode_seconds": time.perf_counter() - started}
+
+
+def prefetched(images: Dataset) -> Iterator[dict]:
+    """The samples in order, each decoded and resized in a thread while the previous one goes
+    through the net (PIL's decoder and torch's resize release the GIL), without the second
+    process a DataLoader worker would be."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="features-reader") as reader:
+        upcoming = reader.submit(images.__getitem__, 0) if len(images) else None
+        for index in range(len(images)):
+            sample = upcoming.result()
+            upcoming = reader.submit(images.__getitem__, index + 1) if index + 1 < len(images) else None
+            yield sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,12 +487,23 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
     if inputs.scheduler:
         _extract_on_cluster(params, inputs, out, pending)
     else:
-        loader = DataLoader(ScaledImages(inputs.dataset, pending, scales, fp.max_side), batch_size=None,
-                            shuffle=False, num_workers=inputs.workers,
-                            pin_memory=torch.device(device).type == "cuda")
-        for sample in progress(loader, total=len(pending), desc="features", unit="img"):
-            maps, flipped, seconds = sample_maps(trunk, sample, scales, fp, device, arch["trunk"], inputs.flip)
-            write_item(out, sample, maps, scales, seconds, fp.storage, flipped)
+        images = ScaledImages(inputs.dataset, pending, scales, fp.max_side)
+        if inputs.workers > 0:
+            loader = DataLoader(images, batch_size=None, shuffle=False, num_workers=inputs.workers,
+                                pin_memory=torch.device(device).type == "cuda")
+        else:
+            loader = prefetched(images)
+        # Encoding and writing an item (~15 ms at 688) overlaps the next image's forward pass in a
+        # writer thread; at most two items wait, so memory stays bounded.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="features-writer") as writer:
+            waiting: collections.deque = collections.deque()
+            for sample in progress(loader, total=len(pending), desc="features", unit="img"):
+                maps, flipped, seconds = sample_maps(trunk, sample, scales, fp, device, arch["trunk"], inputs.flip)
+                waiting.append(writer.submit(write_item, out, sample, maps, scales, seconds, fp.storage, flipped))
+                while len(waiting) > 1 or (waiting and waiting[0].done()):
+                    waiting.popleft().result()  # re-raises a failed write here, in the stage's thread
+            while waiting:
+                waiting.popleft().result()
     wall = time.perf_counter() - started
 
     means = item_means(out.items_dir, ids, ["conv_seconds", "decode_seconds"])

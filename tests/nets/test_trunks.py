@@ -116,6 +116,21 @@ def test_within_channel_lrn_matches_loop():
         WithinChannelLRN(size=4)
 
 
+def test_within_channel_lrn_trains_like_the_power_formula():
+    torch.manual_seed(3)
+    x = (torch.randn(2, 4, 7, 9) * 40).requires_grad_()
+    lrn = WithinChannelLRN(3, 5e-5, 0.75)
+    y = lrn(x)
+    with torch.no_grad():
+        assert torch.equal(lrn(x.detach()), y.detach())  # the in-place inference path: same values
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    z = x.detach().double().requires_grad_()
+    mean_square = torch.nn.functional.avg_pool2d(z * z, 3, stride=1, padding=1, count_include_pad=True)
+    (z / (1 + 5e-5 * mean_square) ** 0.75 * weights.double()).sum().backward()
+    assert torch.allclose(x.grad.double(), z.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_trunk_output_is_relu():
     torch.manual_seed(2)
     for name in ("zf5", "alexnet", "vgg16"):
