@@ -390,6 +390,70 @@ def show_cmd(score, limit, out, variant, **kw):
     click.echo(f"show: {len(written)} PNGs -> {(out or m.dir / 'show')}", err=True)
 
 
+@main.command("export")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The bundle to write (e.g. detector.sppnet).")
+@variant_option
+@stage_options(split=False, runtime=False)
+@friendly_errors
+def export_cmd(out, variant, **kw):
+    """Write a trained detector (net, SVMs, box regressors, settings) to one safetensors file.
+
+    From the pipeline's complete artifacts (the same --config/--set/--variant as the commands
+    that trained it); `sppcli predict --bundle` runs it anywhere.
+
+    \b
+    Example:
+      sppcli export --config pipelines/demo.toml --variant ftfc7bb --out detector.sppnet
+    """
+    from sppcli.stages.predict import bundle_from_artifacts
+
+    setup_logging(kw["verbose"], kw["quiet"])
+    planner = make_planner(kw["config_path"], kw["overrides"], kw["cache_dir"], _variant(variant))
+    path = bundle_from_artifacts(planner).save(out)
+    click.echo(f"export: {path} ({path.stat().st_size / 1e6:.1f} MB)", err=True)
+
+
+@main.command("predict")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for <image>.json and <image>.png.")
+@click.option("--bundle", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A detector from `sppcli export` (default: the pipeline's artifacts).")
+@click.option("--score", type=float, default=0.0, show_default=True, help="Draw detections above this score.")
+@click.option("--coco", is_flag=True, help="Also write detections.json in COCO's results format.")
+@variant_option
+@stage_options(split=False)
+@friendly_errors
+def predict_cmd(inputs, out, bundle, score, coco, variant, **kw):
+    """Detect objects in new images (files or folders of JPEG/PNG), no annotations needed.
+
+    Runs selective search, the conv5 maps, pooling, the SVMs, NMS and box regression on each
+    image, as `detect` does on a split; writes one JSON per image and the drawn PNG.
+
+    \b
+    Examples:
+      sppcli predict photos/ --out predictions --config pipelines/demo.toml --variant ftfc7bb
+      sppcli predict photos/*.jpg --out predictions --bundle detector.sppnet
+    """
+    from sppcli.detector.bundle import DetectorBundle
+    from sppcli.parallel import resolve_device
+    from sppcli.stages.predict import Detector, bundle_from_artifacts, image_files, predict_images
+
+    setup_logging(kw["verbose"], kw["quiet"])
+    if bundle is not None:
+        detector_bundle = DetectorBundle.load(bundle)
+    else:
+        planner = make_planner(kw["config_path"], kw["overrides"], kw["cache_dir"], _variant(variant))
+        detector_bundle = bundle_from_artifacts(planner)
+    files = image_files(inputs)
+    records = predict_images(Detector(detector_bundle, resolve_device(kw["device"])), files, out, score, coco)
+    if kw["as_json"]:
+        click.echo(json.dumps(records, indent=2))
+    found = sum(len(r["detections"]) for r in records)
+    click.echo(f"predict: {len(records)} images, {found} detections -> {out}", err=True)
+
+
 # --------------------------------------------------------------------------------------------- reports
 
 

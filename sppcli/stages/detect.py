@@ -26,6 +26,7 @@ import functools
 import logging
 import time
 from pathlib import Path
+from typing import Sequence
 
 import h5py
 import numpy as np
@@ -79,32 +80,43 @@ def inputs_for(planner, plan, upstream, options) -> Inputs:
 
 
 class WindowScorer:
-    """Scores of every class for a pool item's windows: SVMs on the layer they were trained on."""
+    """Scores of every class for pooled windows: the SVMs on the layer they were trained on, and
+    the box regressors (None without them).
 
-    def __init__(self, svm_manifest: Manifest, bbox_reg_manifest: Manifest | None, device: str,
-                 svd_ranks: tuple[int, int] = (0, 0), precision: str = "float32"):
+    Attributes:
+        layer: the :class:`~sppcli.stages.svm.LayerFeatures` the SVMs read.
+        W: float32 ``[D, K]``; b: float32 ``[K]`` (-inf for a class without an SVM: it never
+        fires); scale: the SVMs' feature scale; class_names: ``[K]``; regressor: a
+        :class:`~sppcli.detector.bbox_reg.BBoxRegressor` or None.
+    """
+
+    def __init__(self, layer, W: np.ndarray, b: np.ndarray, scale: float, class_names, regressor=None):
+        self.layer, self.W, self.b, self.scale = layer, W, b, float(scale)
+        self.class_names = list(class_names)
+        self.regressor = regressor
+
+    @classmethod
+    def from_manifests(cls, svm_manifest: Manifest, bbox_reg_manifest: Manifest | None, device: str,
+                       svd_ranks: tuple[int, int] = (0, 0), precision: str = "float32") -> "WindowScorer":
         from sppcli.detector.bbox_reg import load_regressor
         from sppcli.detector.svm import load_svms
-        from sppcli.nets.heads import truncated_svd_head
         from sppcli.stages.svm import for_svm
 
-        self.layer = for_svm(svm_manifest, device)
-        if self.layer.head is not None and any(svd_ranks):
-            self.layer.head = truncated_svd_head(self.layer.head, *svd_ranks).to(device)
-        self.layer.precision = PRECISIONS[precision]
-        models, self.scale, self.class_names = load_svms(svm_manifest.path("svms.npz"))
+        models, scale, class_names = load_svms(svm_manifest.path("svms.npz"))
         dim = next(m.w.shape[0] for m in models.values() if m is not None)
-        self.W = np.zeros((dim, len(self.class_names)), dtype=np.float32)
-        self.b = np.full(len(self.class_names), -np.inf, dtype=np.float32)  # untrained class: never fires
-        for k, name in enumerate(self.class_names):
+        W = np.zeros((dim, len(class_names)), dtype=np.float32)
+        b = np.full(len(class_names), -np.inf, dtype=np.float32)  # untrained class: never fires
+        for k, name in enumerate(class_names):
             if models[name] is not None:
-                self.W[:, k] = models[name].w
-                self.b[k] = models[name].b
-        self.regressor = None
+                W[:, k] = models[name].w
+                b[k] = models[name].b
+        regressor = None
         if bbox_reg_manifest is not None:
-            self.regressor, reg_classes = load_regressor(bbox_reg_manifest.path("bbox_reg.npz"))
-            if reg_classes is not None and list(reg_classes) != list(self.class_names):
-                raise ValueError(f"bbox regressors are for classes {reg_classes}, SVMs for {self.class_names}")
+            regressor, reg_classes = load_regressor(bbox_reg_manifest.path("bbox_reg.npz"))
+            if reg_classes is not None and list(reg_classes) != list(class_names):
+                raise ValueError(f"bbox regressors are for classes {reg_classes}, SVMs for {class_names}")
+        return cls(speed_up(for_svm(svm_manifest, device), svd_ranks, precision), W, b, scale, class_names,
+                   regressor)
 
     def __call__(self, pooled: np.ndarray) -> tuple[np.ndarray, float]:
         """(scores float32[N, K], seconds spent in fc layers) for pooled features [N, D]."""
@@ -114,6 +126,16 @@ class WindowScorer:
         return (feats * self.scale) @ self.W + self.b, fc_seconds
 
 
+def speed_up(layer, svd_ranks: Sequence[int], precision: str):
+    """``layer`` with ``detect.svd_ranks`` and ``detect.precision`` applied to its head."""
+    from sppcli.nets.heads import truncated_svd_head
+
+    if layer.head is not None and any(svd_ranks):
+        layer.head = truncated_svd_head(layer.head, *svd_ranks).to(layer.device)
+    layer.precision = PRECISIONS[precision]
+    return layer
+
+
 @functools.lru_cache(maxsize=2)
 def _scorer(svm_dir: str, bbox_dir: str | None, device: str, svd_ranks: tuple[int, int] = (0, 0),
             precision: str = "float32") -> WindowScorer:
@@ -121,7 +143,7 @@ def _scorer(svm_dir: str, bbox_dir: str | None, device: str, svd_ranks: tuple[in
     # would dominate the per-image time.
     svm = Manifest.read(Path(svm_dir) / MANIFEST)
     bbox = Manifest.read(Path(bbox_dir) / MANIFEST) if bbox_dir else None
-    return WindowScorer(svm, bbox, device, svd_ranks, precision)
+    return WindowScorer.from_manifests(svm, bbox, device, svd_ranks, precision)
 
 
 ORDERS = ("release", "regress_first")
@@ -171,46 +193,74 @@ def class_detections(boxes: np.ndarray, scores: np.ndarray, regress, width: int,
     return moved[kept].numpy(), kept_scores[kept].numpy()
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageDetections:
+    """One image's detections of every class (before the split's per-class budget): float32
+    ``boxes [D, 4]``, ``scores [D]``, int16 ``labels [D]``, and the seconds spent pooling
+    windows and in the fc layers."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    pool_seconds: float
+    fc_seconds: float
+
+
+def detect_windows(scorer: WindowScorer, boxes: np.ndarray, scale_index: np.ndarray, cells: np.ndarray,
+                   vectors_of, width: int, height: int, params: Params) -> ImageDetections:
+    """Score one image's proposal windows and keep each class's detections (:func:`class_detections`).
+
+    Args:
+        boxes: float ``[N, 4]`` the windows; scale_index, cells: where each is pooled.
+        vectors_of: ``rows -> [len(rows), D]`` pooled vectors of those windows (a pool artifact's
+            :class:`~sppcli.detector.pooled_features.PooledFeatures`, or maps in memory).
+    """
+    from sppcli.detector.windows import distinct_windows
+
+    # Windows pooling the same cells at the same scale share one vector, so one fc pass and one score.
+    first, inverse = distinct_windows(scale_index, cells)
+    t_pool = time.perf_counter()
+    vectors = vectors_of(first)
+    pool_seconds = time.perf_counter() - t_pool
+    if len(boxes):
+        distinct_scores, fc_seconds = scorer(vectors)
+        scores = distinct_scores[inverse]
+    else:
+        scores, fc_seconds = np.zeros((0, len(scorer.class_names)), np.float32), 0.0
+    out_boxes, out_scores, out_labels = [np.zeros((0, 4), np.float32)], [np.zeros(0, np.float32)], []
+    for k in range(scores.shape[1]):
+        regress = None if scorer.regressor is None else functools.partial(
+            _regress, scorer.regressor, vectors, inverse, boxes, k)
+        cls_boxes, cls_scores = class_detections(boxes, scores[:, k], regress, width, height, params)
+        out_boxes.append(cls_boxes)
+        out_scores.append(cls_scores)
+        out_labels.append(np.full(len(cls_scores), k, dtype=np.int16))
+    return ImageDetections(np.concatenate(out_boxes).astype(np.float32), np.concatenate(out_scores),
+                           np.concatenate(out_labels) if out_labels else np.zeros(0, np.int16),
+                           pool_seconds, fc_seconds)
+
+
 def detect_image(image_id: str, *, pool_item: Path, pooled, out_item: Path, svm_dir: str,
                  bbox_dir: str | None, device: str, params: Params) -> dict:
-    """Pass 1 for one image: write its per-class detections (:func:`class_detections`) to ``out_item``."""
-    from sppcli.detector.windows import distinct_windows, read_pool_windows
+    """Pass 1 for one image: write its per-class detections (:func:`detect_windows`) to ``out_item``."""
+    from sppcli.detector.windows import read_pool_windows
 
     t0 = time.perf_counter()
     scorer = _scorer(svm_dir, bbox_dir, device, tuple(int(r) for r in params.svd_ranks), params.precision)
     windows = read_pool_windows(pool_item, image_id)
     rows = np.flatnonzero(~windows.is_gt)
-    boxes = windows.boxes[rows]
-    # Windows pooling the same cells at the same scale share one vector, so one fc pass and one score.
-    first, inverse = distinct_windows(windows.scale_index[rows], windows.cells[rows])
-    t_pool = time.perf_counter()
-    vectors = pooled.window_rows(windows, rows[first])
-    pool_seconds = time.perf_counter() - t_pool
-    if len(rows):
-        distinct_scores, fc_seconds = scorer(vectors)
-        scores = distinct_scores[inverse]
-    else:
-        scores, fc_seconds = np.zeros((0, len(scorer.class_names)), np.float32), 0.0
-    out_boxes, out_scores, out_labels = [], [], []
-    for k in range(scores.shape[1]):
-        regress = None if scorer.regressor is None else functools.partial(
-            _regress, scorer.regressor, vectors, inverse, boxes, k)
-        cls_boxes, cls_scores = class_detections(boxes, scores[:, k], regress, windows.width, windows.height, params)
-        out_boxes.append(cls_boxes)
-        out_scores.append(cls_scores)
-        out_labels.append(np.full(len(cls_scores), k, dtype=np.int16))
-    boxes_all = np.concatenate(out_boxes) if out_boxes else np.zeros((0, 4), np.float32)
+    found = detect_windows(scorer, windows.boxes[rows], windows.scale_index[rows], windows.cells[rows],
+                           lambda first: pooled.window_rows(windows, rows[first]), windows.width, windows.height,
+                           params)
     with atomic_path(out_item) as tmp:
         with h5py.File(tmp, "w") as f:
-            f["boxes"] = boxes_all.astype(np.float32)
-            f["scores"] = np.concatenate(out_scores) if out_scores else np.zeros(0, np.float32)
-            f["labels"] = np.concatenate(out_labels) if out_labels else np.zeros(0, np.int16)
+            f["boxes"], f["scores"], f["labels"] = found.boxes, found.scores, found.labels
             f.attrs["width"], f.attrs["height"] = windows.width, windows.height
-            f.attrs["fc_seconds"] = fc_seconds
-            f.attrs["pool_seconds"] = pool_seconds
+            f.attrs["fc_seconds"] = found.fc_seconds
+            f.attrs["pool_seconds"] = found.pool_seconds
             f.attrs["seconds"] = time.perf_counter() - t0
             f.attrs["n_windows"] = len(rows)
-    return {"fc_seconds": fc_seconds, "n_windows": len(rows)}
+    return {"fc_seconds": found.fc_seconds, "n_windows": len(rows)}
 
 
 def _read_candidates(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
