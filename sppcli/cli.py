@@ -40,6 +40,20 @@ def _run_stage(stage: str, module: str, kw: dict, extra: list[str] = (), split_r
     return planner, manifest
 
 
+def hint_args(kw: dict) -> str:
+    """The user's --config, --set and --cache-dir, as they must be repeated on later commands."""
+    import shlex
+
+    parts = []
+    if kw.get("config_path"):
+        parts += ["--config", str(kw["config_path"])]
+    for item in kw.get("overrides") or ():
+        parts += ["--set", item]
+    if kw.get("cache_dir") is not None and Path(kw["cache_dir"]) != Path("cache"):
+        parts += ["--cache-dir", str(kw["cache_dir"])]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def _variant(name: str | None) -> list[str]:
     from sppcli.pipeline import VARIANTS
 
@@ -111,6 +125,63 @@ def make_dataset_cmd(out, seed, trainval, test, size, **kw):
     state = "up to date" if info["up_to_date"] else f"written in {info['seconds']:.1f}s"
     click.echo(f"make-dataset {info['devkit']}: {state}; images per split {summary['images']}, "
                f"{len(summary['classes'])} classes ({', '.join(summary['classes'])})", err=True)
+
+
+@main.command("init")
+@click.argument("devkit", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The pipeline TOML to write.")
+@click.option("--split", default="trainval", show_default=True, help="The split whose sizes are surveyed.")
+@click.option("--base", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Start from this pipeline file (default: pipelines/voc2007.toml, the paper's and release's settings).")
+@stage_options(split=False, runtime=False)
+@friendly_errors
+def init_cmd(devkit, out, split, base, **kw):
+    """Write a pipeline file for your own VOC-format dataset, with settings chosen from its sizes.
+
+    Surveys the split's images and objects, then sets the dataset, its classes, the proposals'
+    segmentation size and minimum window, and the feature scales, saying why in the file;
+    everything else is the base file's. Run every stage with `--config OUT` afterwards.
+
+    \b
+    Example:
+      sppcli init /data/traffic/VOC2007 --out traffic.toml
+      sppcli proposals --config traffic.toml --split trainval --workers 8
+    """
+    from sppcli.config import config_to_toml, load_config
+    from sppcli.data.survey import suggest, survey
+    from sppcli.data.voc import VocDataset, resolve_classes
+
+    setup_logging(kw["verbose"], kw["quiet"])
+    if out.exists() and not kw["force"]:
+        raise click.ClickException(f"{out} exists; pass --force to replace it")
+    base = base or Path(__file__).resolve().parents[1] / "pipelines" / "voc2007.toml"
+    config = load_config(base if base.is_file() else None, list(kw["overrides"]))
+    # The annotations' own names (every object, whatever the classes) decide the classes unless
+    # the config or a classes.txt names them.
+    found = survey(VocDataset(devkit, split, list(config.dataset.classes) or ["-"]))
+    if config.dataset.classes:
+        classes, why = list(config.dataset.classes), "as given"
+    elif (devkit / "classes.txt").is_file():
+        classes, why = list(resolve_classes(devkit)), "from classes.txt"
+    else:
+        classes, why = list(found.class_counts), "the names in the annotations, most objects first"
+    chosen = suggest(found)
+    counts = ", ".join(f"{n} {c}" for n, c in found.class_counts.items())
+    changes = {"dataset.devkit": (str(devkit.resolve()), f"{found.images} {split} images surveyed"),
+               "dataset.classes": (classes, f"{why} ({counts})"),
+               **{k: v for k, v in chosen.items() if k != "features.scales_5"}}
+    overrides = [f"{key}={json.dumps(value)}" for key, (value, _) in changes.items()]
+    config = load_config(base if base.is_file() else None, list(kw["overrides"]) + overrides)
+    comments = {key: reason for key, (_, reason) in changes.items()}
+    comments["features.scales"] += f"\n5 scales: {chosen['features.scales_5'][0]}"
+    header = (f"sppcli pipeline for {devkit.resolve()}, written by `sppcli init` from {found.images} {split} images\n"
+              f"and {len(found.object_sides)} objects; every other value is {base.name}'s.")
+    from sppcli.artifacts import atomic_write_bytes
+
+    atomic_write_bytes(out, config_to_toml(config, comments, header).encode())
+    for key, (value, reason) in changes.items():
+        click.echo(f"{key} = {json.dumps(value)}  ({reason})", err=True)
+    click.echo(f"init: {out}; next: sppcli proposals --config {out} --split {split}", err=True)
 
 
 @main.command("proposals")
@@ -472,7 +543,7 @@ def status_cmd(variants, **kw):
 
     setup_logging(kw["verbose"], kw["quiet"])
     planner = make_planner(kw["config_path"], kw["overrides"], kw["cache_dir"])
-    rows = pipeline_status(planner, variants or None)
+    rows = pipeline_status(planner, variants or None, hint_args(kw))
     if kw["as_json"]:
         click.echo(json.dumps(rows, indent=2, default=str))
     else:

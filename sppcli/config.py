@@ -357,3 +357,31 @@ def with_overrides(config: Config, overrides: Sequence[str], origin: str = "--se
         section, key, value = parse_override(text)
         config = _apply(config, section, {key: value}, origin)
     return config
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {value!r} to TOML")  # pragma: no cover
+
+
+def config_to_toml(config: Config, comments: Mapping[str, str] | None = None, header: str = "") -> str:
+    """``config`` as a pipeline TOML that :func:`load_config` reads back to the same values;
+    ``comments``: ``"section.key" -> text`` written above that key."""
+    comments = dict(comments or {})
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    for section, cls in SECTIONS.items():
+        lines += ["", f"[{section}]"]
+        values = getattr(config, section)
+        for field in dataclasses.fields(cls):
+            note = comments.get(f"{section}.{field.name}")
+            if note:
+                lines += [f"# {part}" for part in note.splitlines()]
+            lines.append(f"{field.name} = {_toml_value(getattr(values, field.name))}")
+    return "\n".join(lines).lstrip("\n") + "\n"

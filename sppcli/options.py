@@ -13,12 +13,37 @@ from sppcli.artifacts import ArtifactError, ArtifactStore
 from sppcli.config import ConfigError, load_config
 
 
+def _dataset_shorthands(f):
+    """Fold ``--dataset`` and ``--classes`` into ``--set`` overrides (before the user's own, so
+    an explicit ``--set`` still wins): every command then sees one list of overrides."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        extra = []
+        dataset = kwargs.pop("dataset", None)
+        classes = kwargs.pop("classes", None)
+        if dataset is not None:
+            extra.append(f"dataset.devkit={json.dumps(str(dataset))}")
+        if classes is not None:
+            names = [c.strip() for c in classes.split(",") if c.strip()]
+            extra.append(f"dataset.classes={json.dumps(names)}")
+        kwargs["overrides"] = tuple(extra) + tuple(kwargs.get("overrides") or ())
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
 def _common(f):
+    f = _dataset_shorthands(f)
     options = [
         click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
                      help="Pipeline TOML (pipelines/voc2007.toml, pipelines/demo.toml)."),
         click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                      help="Override one config value, e.g. --set svm.C=0.001 (repeatable)."),
+        click.option("--dataset", type=click.Path(path_type=Path), default=None,
+                     help="The dataset: a VOC-format devkit folder (shorthand for --set dataset.devkit=...)."),
+        click.option("--classes", default=None, metavar="A,B,C",
+                     help="Class names in label order (shorthand for --set dataset.classes=[...])."),
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cache"),
                      show_default=True, help="Artifact root."),
         click.option("-v", "--verbose", count=True, help="More logging (-vv for debug)."),

@@ -18,8 +18,12 @@ def _rows_for(planner: Planner, variants) -> list[tuple[str, str, str]]:
     return rows
 
 
-def pipeline_status(planner: Planner, variants=None) -> list[dict]:
-    """One dict per stage run the config implies: stage, dataset, variant, state, reasons, items, size."""
+def pipeline_status(planner: Planner, variants=None, hint_args: str = "") -> list[dict]:
+    """One dict per stage run the config implies: stage, dataset, variant, state, reasons, items, size.
+
+    ``hint_args``: the options the user gave (``--config``, ``--set``, ``--cache-dir``), appended
+    to each "run this next" command so that running it computes the same key.
+    """
     variants = list(variants or VARIANTS)
     out = []
     seen = set()
@@ -40,7 +44,9 @@ def pipeline_status(planner: Planner, variants=None) -> list[dict]:
         command = plan.command
         if variant and stage in ("svm", "detect", "evaluate"):
             command += f" --variant {variant}"
-        if p.config.source != "<defaults>":
+        if hint_args:
+            command += f" {hint_args}"
+        elif p.config.source != "<defaults>":
             command += f" --config {p.config.source}"
         out.append({"stage": stage, "dataset": plan.dataset, "split": split,
                     "variant": VARIANT_LABELS.get(variant, ""), "key": plan.key[:12], "state": st.state,
@@ -58,13 +64,14 @@ def _size(n: int) -> str:
 
 
 def format_status(rows: list[dict]) -> str:
-    lines = [f"{'stage':<10} {'dataset':<24} {'variant':<9} {'state':<9} {'size':>9}  detail"]
+    width = max([24] + [len(r.get("dataset", r["split"])) for r in rows])
+    lines = [f"{'stage':<10} {'dataset':<{width}} {'variant':<9} {'state':<9} {'size':>9}  detail"]
     for r in rows:
         detail = "; ".join(r.get("reasons", []))
         if r["state"] == "complete" and r.get("total_items"):
             detail = f"{r['total_items']} images"
         if r["state"] in ("missing", "stale", "partial") and r.get("command"):
             detail = f"{detail}  -> {r['command']}"
-        lines.append(f"{r['stage']:<10} {r.get('dataset', r['split']):<24} {r.get('variant', ''):<9} "
+        lines.append(f"{r['stage']:<10} {r.get('dataset', r['split']):<{width}} {r.get('variant', ''):<9} "
                      f"{r['state']:<9} {_size(r.get('size_bytes', 0)):>9}  {detail}")
     return "\n".join(lines)

@@ -18,7 +18,8 @@ import numpy as np
 
 RECALL_THRESHOLDS = (0.5, 0.7)  # the IoUs at which recall is reported
 
-__all__ = ["best_overlaps", "recall_at", "mabo", "mean_best_overlap", "per_class_recall", "format_recall_table"]
+__all__ = ["best_overlaps", "recall_at", "mabo", "mean_best_overlap", "per_class_recall", "recall_by_size",
+           "low_recall_advice", "format_recall_table"]
 
 
 def best_overlaps(gt_boxes: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -94,6 +95,53 @@ def per_class_recall(best: np.ndarray, labels: np.ndarray, classes: Sequence[str
     return out
 
 
+#: Object size buckets (shorter side in pixels of the original image) that recall is broken down by.
+SIZE_BUCKETS = ((0, 32, "< 32 px"), (32, 96, "32-96 px"), (96, 256, "96-256 px"), (256, float("inf"), ">= 256 px"))
+
+
+def recall_by_size(best: np.ndarray, short_sides: np.ndarray, threshold: float = 0.5) -> dict[str, dict]:
+    """Recall at ``threshold`` of the ground truth in each :data:`SIZE_BUCKETS` bucket:
+    ``{label: {"n_gt", "recall"}}`` (NaN recall for an empty bucket)."""
+    best = np.asarray(best, dtype=np.float64).reshape(-1)
+    short_sides = np.asarray(short_sides, dtype=np.float64).reshape(-1)
+    return {label: {"n_gt": int(((short_sides >= lo) & (short_sides < hi)).sum()),
+                    "recall": recall_at(best[(short_sides >= lo) & (short_sides < hi)], threshold)}
+            for lo, hi, label in SIZE_BUCKETS}
+
+
+#: Below this recall at IoU 0.5 the proposals stage warns: the detector cannot find what no
+#: window covers (selective search reaches ~98% on VOC).
+LOW_RECALL = 0.8
+
+
+def low_recall_advice(metrics: Mapping[str, Any], max_side: int, min_size: float, max_boxes: int,
+                      image_long_side: float) -> str | None:
+    """One warning line when recall@0.5 is under :data:`LOW_RECALL`, naming the likely cause
+    (objects too small once the image is shrunk to ``max_side``, or under ``min_size``, or too
+    few windows) and the option to change; None when recall is fine or unknown."""
+    recall = metrics.get("recall@0.5")
+    if recall is None or recall >= LOW_RECALL:
+        return None
+    sizes = metrics.get("recall_by_size") or {}
+    small = sizes.get("< 32 px", {})
+    shrink = min(1.0, max_side / image_long_side) if image_long_side else 1.0
+    causes = []
+    if small.get("n_gt") and small.get("recall") is not None and small["recall"] < recall:
+        causes.append(f"objects under 32 px are found {100 * small['recall']:.0f}% of the time "
+                      f"({small['n_gt']} of {metrics['n_gt']} objects)")
+    if shrink < 0.75:
+        causes.append(f"images (longer side ~{image_long_side:.0f} px) are segmented shrunk to "
+                      f"proposals.max_side = {max_side} (x{shrink:.2f}), so a 32 px object is "
+                      f"{32 * shrink:.0f} px there: raise it, e.g. --set proposals.max_side={int(min(image_long_side, 1000))}")
+    if min_size > 8 and small.get("n_gt"):
+        causes.append(f"windows under proposals.min_size = {min_size:g} px are dropped: lower it")
+    if metrics.get("mean_boxes") and metrics["mean_boxes"] >= 0.95 * max_boxes:
+        causes.append(f"images hit proposals.max_boxes = {max_boxes}: raise it")
+    advice = "; ".join(causes) if causes else "check that the annotations match the images"
+    return (f"proposals reach only {100 * recall:.1f}% recall at IoU 0.5 (under {100 * LOW_RECALL:.0f}%): "
+            f"{advice} (`sppcli init` picks these settings from the dataset)")
+
+
 def format_recall_table(metrics: Mapping[str, Any], title: str) -> str:
     """A small text table of a proposals manifest's metrics (overall, then recall per class)."""
     source = metrics.get("source", "selective_search")
@@ -112,6 +160,11 @@ def format_recall_table(metrics: Mapping[str, Any], title: str) -> str:
         f"  MABO                  {_fixed(metrics['mabo'])}  (mean best overlap over all boxes {_fixed(metrics['mean_best_overlap'])})",
         f"  seconds per image     {_fixed(seconds, 3) if seconds is not None else '-'}",
     ]
+    sizes = metrics.get("recall_by_size") or {}
+    if any(v.get("n_gt") for v in sizes.values()):
+        lines.append("  recall@0.5 by object size (shorter side): "
+                     + ", ".join(f"{label} {_percent(v['recall'])} of {v['n_gt']}" for label, v in sizes.items()
+                                 if v.get("n_gt")))
     per_class = metrics.get("per_class") or {}
     if per_class:
         width = max(8, max(len(name) for name in per_class))

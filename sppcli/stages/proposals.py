@@ -31,8 +31,8 @@ import numpy as np
 from sppcli.artifacts import Manifest, StageRun, atomic_path, json_number
 from sppcli.config import Config, ProposalParams
 from sppcli.parallel import map_images, progress
-from sppcli.data.proposal_recall import (RECALL_THRESHOLDS, best_overlaps, mabo, mean_best_overlap, per_class_recall,
-                                     recall_at)
+from sppcli.data.proposal_recall import (RECALL_THRESHOLDS, best_overlaps, low_recall_advice, mabo, mean_best_overlap,
+                                         per_class_recall, recall_at, recall_by_size)
 
 Params = ProposalParams
 MODES = ("fast", "quality", "single")
@@ -296,6 +296,10 @@ def run(params: ProposalParams, inputs: Inputs, out: StageRun) -> Manifest:
                    desc=f"proposals {dataset.name}")
         source = {"source": "selective_search", "mode": params.mode}
     metrics = {**source, **proposal_metrics(dataset, out.items_dir)}
+    advice = low_recall_advice(metrics, params.max_side, params.min_size, params.max_boxes,
+                               metrics["median_image_long_side"] or 0.0)
+    if advice and not params.imported:
+        log.warning("%s", advice)
     if metrics["empty_images"]:
         log.warning("proposals: %d image(s) have no window left after filtering (e.g. %s); "
                     "lower proposals.min_size to keep smaller windows",
@@ -316,7 +320,7 @@ def proposal_metrics(dataset, items_dir: Path) -> dict:
     (``{name: {n_gt, recall (at 0.5), abo}}``), ``seconds_per_image`` (mean of the per-image
     worker seconds; null for imported boxes) and ``ground_truth`` (what was counted).
     """
-    counts, seconds, best, labels, empty = [], [], [], [], []
+    counts, seconds, best, labels, empty, sides, long_sides = [], [], [], [], [], [], []
     for image_id in progress(dataset.ids, total=len(dataset), desc="proposal recall"):
         boxes, attrs = read_proposal_item(Path(items_dir) / f"{image_id}.h5")
         counts.append(len(boxes))
@@ -328,9 +332,13 @@ def proposal_metrics(dataset, items_dir: Path) -> dict:
         keep = ~gt.difficult
         best.append(best_overlaps(gt.boxes[keep], boxes))
         labels.append(gt.labels[keep])
+        kept_boxes = gt.boxes[keep]
+        sides.append(np.minimum(kept_boxes[:, 2] - kept_boxes[:, 0], kept_boxes[:, 3] - kept_boxes[:, 1]))
+        long_sides.append(max(gt.width, gt.height))
     best_all = np.concatenate(best) if best else np.zeros(0)
     labels_all = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
     per_class = per_class_recall(best_all, labels_all, dataset.classes, RECALL_THRESHOLDS[0])
+    by_size = recall_by_size(best_all, np.concatenate(sides) if sides else np.zeros(0), RECALL_THRESHOLDS[0])
     metrics = {
         "n_images": len(counts),
         "mean_boxes": json_number(np.mean(counts), 2) if counts else None,
@@ -345,6 +353,9 @@ def proposal_metrics(dataset, items_dir: Path) -> dict:
         "seconds_per_image": json_number(np.mean(seconds), 4) if seconds else None,
         "per_class": {name: {"n_gt": v["n_gt"], "recall": json_number(v["recall"], 4),
                              "abo": json_number(v["abo"], 4)} for name, v in per_class.items()},
+        "recall_by_size": {label: {"n_gt": v["n_gt"], "recall": json_number(v["recall"], 4)}
+                           for label, v in by_size.items()},
+        "median_image_long_side": float(np.median(long_sides)) if long_sides else None,
     }
     for threshold in RECALL_THRESHOLDS:
         metrics[f"recall@{threshold}"] = json_number(recall_at(best_all, threshold), 4)

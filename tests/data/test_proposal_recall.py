@@ -61,3 +61,27 @@ def test_per_class_recall():
     assert table["a"] == {"n_gt": 2, "recall": 0.5, "abo": pytest.approx(0.7)}
     assert table["b"]["n_gt"] == 0 and math.isnan(table["b"]["recall"]) and math.isnan(table["b"]["abo"])
     assert table["c"] == {"n_gt": 1, "recall": 1.0, "abo": 0.5}
+
+
+def test_recall_by_size_buckets():
+    from sppcli.data.proposal_recall import recall_by_size
+
+    got = recall_by_size(np.array([0.9, 0.2, 0.6, 0.1, 0.7]), np.array([10, 20, 50, 300, 300]))
+    assert got["< 32 px"] == {"n_gt": 2, "recall": 0.5}
+    assert got["32-96 px"] == {"n_gt": 1, "recall": 1.0}
+    assert got["96-256 px"]["n_gt"] == 0 and np.isnan(got["96-256 px"]["recall"])
+    assert got[">= 256 px"] == {"n_gt": 2, "recall": 0.5}
+
+
+def test_low_recall_advice_names_the_cause_and_the_option():
+    from sppcli.data.proposal_recall import low_recall_advice
+
+    metrics = {"recall@0.5": 0.197, "n_gt": 500, "mean_boxes": 900,
+               "recall_by_size": {"< 32 px": {"n_gt": 300, "recall": 0.04}}}
+    line = low_recall_advice(metrics, max_side=320, min_size=16, max_boxes=2000, image_long_side=1920)
+    assert "19.7%" in line and "objects under 32 px are found 4%" in line
+    assert "proposals.max_side = 320" in line and "--set proposals.max_side=1000" in line
+    assert "proposals.min_size" in line
+    assert low_recall_advice({"recall@0.5": 0.93}, 320, 16, 2000, 500) is None
+    capped = low_recall_advice({"recall@0.5": 0.5, "n_gt": 10, "mean_boxes": 2000}, 500, 4, 2000, 500)
+    assert "proposals.max_boxes = 2000" in capped

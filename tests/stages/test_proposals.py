@@ -165,3 +165,13 @@ def test_corrupt_image_names_the_file_and_keeps_finished_items(tiny_devkit, tmp_
 def test_bad_mode_is_rejected_before_any_work(tiny_devkit, tmp_path):
     with pytest.raises(ValueError, match="proposals.mode must be one of fast, quality, single"):
         _run(tiny_devkit, tmp_path / "cache", 1, "proposals.mode=fastest")
+
+
+def test_low_recall_is_warned_with_the_option_to_change(tiny_devkit, tmp_path, caplog):
+    # windows under 60 px dropped on 160 x 120 images: the small objects have none left
+    with caplog.at_level("WARNING", logger="sppcli.stages.proposals"):
+        _, _, manifest, _ = _run(tiny_devkit, tmp_path / "c", 1, "proposals.min_size=60")
+    assert manifest.metrics["recall@0.5"] < 0.8
+    warned = [r.getMessage() for r in caplog.records if "recall at IoU 0.5" in r.getMessage()]
+    assert len(warned) == 1 and "proposals.min_size = 60" in warned[0] and "objects under 32 px" in warned[0]
+    assert "recall@0.5 by object size" in format_recall_table(manifest.metrics, "test")
