@@ -98,9 +98,19 @@ def head_macs(head: FcHead) -> int:
                and m is not getattr(head, "fc8", None))
 
 
+DEVICE = "cpu"
+
+
+def sync() -> None:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def timed(fn):
+    sync()
     started = time.perf_counter()
     result = fn()
+    sync()
     return time.perf_counter() - started, result
 
 
@@ -114,7 +124,8 @@ class Rcnn:
         self.batch, self.channels_last = 32, False
 
     def autocast(self):
-        return torch.autocast("cpu", dtype=self.precision, enabled=self.precision is not None)
+        return torch.autocast(torch.device(DEVICE).type, dtype=self.precision or torch.float32,
+                              enabled=self.precision is not None)
 
     def warp(self, boxes: np.ndarray) -> torch.Tensor:
         crops = [resize_uint8(self.image[:, y1:max(y2, y1 + 1), x1:max(x2, x1 + 1)], 224, 224)
@@ -125,7 +136,7 @@ class Rcnn:
         out = []
         with torch.inference_mode(), self.autocast():
             for begin in range(0, len(warped), self.batch):
-                x = normalize(warped[begin:begin + self.batch])
+                x = normalize(warped[begin:begin + self.batch].to(DEVICE))
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
 
@@ -143,7 +154,7 @@ class Rcnn:
         best = (float("inf"), None)
         for channels_last in (False, True):
             self.trunk = copy.deepcopy(self.base).to(
-                memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                DEVICE, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             for batch in (8, 16, 32, 64):
                 self.batch, self.channels_last = batch, channels_last
                 self.pool5(warped[:batch])  # warm-up of this shape
@@ -151,7 +162,7 @@ class Rcnn:
                 best = min(best, (seconds, (batch, channels_last)))
         self.batch, self.channels_last = best[1]
         self.trunk = copy.deepcopy(self.base).to(
-            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+            DEVICE, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         return f"batch {self.batch}, {'channels_last' if self.channels_last else 'contiguous'}"
 
 
@@ -160,20 +171,21 @@ class Spp:
 
     def __init__(self, trunk, head: FcHead, image: np.ndarray, scales, precision: torch.dtype | None):
         # as the features stage runs it (features.memory_format = channels_last)
-        self.trunk = prepare_trunk(copy.deepcopy(trunk), "channels_last")
+        self.trunk = prepare_trunk(copy.deepcopy(trunk).to(DEVICE), "channels_last")
         self.head, self.image, self.scales, self.precision = head, image, scales, precision
         self.geometry = trunk.geometry
 
     def autocast(self):
-        return torch.autocast("cpu", dtype=self.precision, enabled=self.precision is not None)
+        return torch.autocast(torch.device(DEVICE).type, dtype=self.precision or torch.float32,
+                              enabled=self.precision is not None)
 
     def conv(self) -> tuple[list[np.ndarray], list[float]]:
         resized, factors = scale_image(self.image, self.scales, max_side=2000)
         maps = []
         with torch.inference_mode(), self.autocast():
             for image in resized:
-                x = normalize(image[None]).contiguous(memory_format=torch.channels_last)
-                maps.append(self.trunk(x)[0].to(torch.float16).contiguous().numpy())  # stored as float16
+                x = normalize(image[None].to(DEVICE)).contiguous(memory_format=torch.channels_last)
+                maps.append(self.trunk(x)[0].to(torch.float16).contiguous().cpu().numpy())  # stored as float16
         return maps, factors
 
     def assign(self, boxes: np.ndarray, maps, factors) -> tuple[np.ndarray, np.ndarray]:
@@ -201,7 +213,7 @@ class Spp:
 
     def fc(self, pooled: np.ndarray, head: FcHead | None = None) -> torch.Tensor:
         with torch.inference_mode(), self.autocast():
-            return (head or self.head).fc7_features(torch.from_numpy(pooled).float())
+            return (head or self.head).fc7_features(torch.from_numpy(pooled).to(DEVICE).float())
 
 
 def pool_floor(rows: int, dim: int, dtype) -> float:
@@ -225,15 +237,19 @@ def main() -> None:
     parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
                         help="both sides' conv and fc")
     parser.add_argument("--svd", type=int, nargs=2, default=None, metavar=("R6", "R7"))
+    parser.add_argument("--device", default="cpu", help="cpu | cuda: the convolutions and fc layers (pooling stays "
+                                                         "on the CPU, as the stages run it)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     torch.set_num_threads(args.threads)
     precision = None if args.precision == "float32" else torch.bfloat16
 
     torch.manual_seed(0)
     net = build_net({"trunk": "zf5", "width": 1.0, "levels": [6, 3, 2, 1], "hidden": 4096, "num_classes": 21}).eval()
     trunk = net.trunk
-    spp_head = net.head.eval()
-    rcnn_head = FcHead(256 * 36, 4096, 0.5).eval()
+    spp_head = net.head.to(DEVICE).eval()
+    rcnn_head = FcHead(256 * 36, 4096, 0.5).to(DEVICE).eval()
     image = load_rgb(args.image)
     height, width = image.shape[:2]
     boxes, found = windows_of(image, args.windows)
@@ -261,7 +277,7 @@ def main() -> None:
         conv_s, pool5 = timed(lambda: rcnn.pool5(warped))
         record("rcnn_warp", warp_s / len(sample) * len(boxes))
         record("rcnn_conv", conv_s / len(sample) * len(boxes))
-        all_pool5 = pool5.repeat((len(boxes) + len(sample) - 1) // len(sample), 1)[:len(boxes)]
+        all_pool5 = pool5.to(DEVICE).repeat((len(boxes) + len(sample) - 1) // len(sample), 1)[:len(boxes)]
         record("rcnn_fc", timed(lambda: rcnn.fc(all_pool5))[0])
         for key, side in sides.items():
             conv_s, (maps, factors) = timed(side.conv)
@@ -293,7 +309,7 @@ def main() -> None:
 
     print(f"image {args.image.name} ({width} x {height}), {len(boxes)} windows ({found} from selective search"
           f"{'' if found >= len(boxes) else f', {len(boxes) - found} random'}), full-width ZF-5 (random weights), "
-          f"{args.precision} on both sides, torch {torch.__version__}, {args.threads} CPU threads, medians of "
+          f"{args.precision} on both sides, {DEVICE}, torch {torch.__version__}, {args.threads} CPU threads, medians of "
           f"{args.rounds} interleaved rounds")
     print(f"R-CNN: conv timed on {len(sample)} warped 224 x 224 windows ({layout}) and EXTRAPOLATED linearly to "
           f"{len(boxes)}; its conv time includes the warping ({med['rcnn_warp']:.2f} s) as SPP's includes the resizing")
