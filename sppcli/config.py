@@ -171,6 +171,9 @@ class SvmParams:
     # dtype of the hard-negative caches: float16 halves their memory (20 classes x ~10k x 4,096-d
     # fc7 on VOC) at the cost of rounding the cached negatives the retrains see
     cache_dtype: str = "float32"
+    # at most this many cached negatives per class after each retrain's eviction (the hardest
+    # kept); 0 = no bound, as the releases
+    max_cache: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,6 @@ import pytest
 
 from sppcli.stages import STAGES
 from sppcli.artifacts import ArtifactStore, Manifest, atomic_path, stage_key
-from sppcli.config import load_config
 from sppcli.pipeline import Planner
 from tests.conftest import tiny_config
 

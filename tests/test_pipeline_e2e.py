@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -13,7 +12,7 @@ from click.testing import CliRunner
 
 from sppcli.artifacts import ArtifactStore
 from sppcli.cli import main
-from sppcli.pipeline import VARIANTS, Planner, RunOptions, run_stage
+from sppcli.pipeline import Planner, RunOptions, run_stage
 from tests.conftest import REPO, tiny_config, tiny_sets
 
 STAGES = [("proposals", "trainval"), ("proposals", "test"), ("features", "trainval"), ("features", "test"),
@@ -53,7 +52,7 @@ def test_detections_and_result_files(detector):
     det = manifests[("detect", "test")]
     ds = planner.dataset("test")
     with h5py.File(det.path("detections.h5"), "r") as f:
-        scores, boxes, labels, index = f["scores"][()], f["boxes"][()], f["labels"][()], f["image_index"][()]
+        scores, boxes, index = f["scores"][()], f["boxes"][()], f["image_index"][()]
     assert len(scores) == det.metrics["n_detections"]
     # boxes inside the image they belong to; at most 100 per image
     for i, image_id in enumerate(ds.ids):

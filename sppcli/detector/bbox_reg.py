@@ -135,17 +135,10 @@ def fit_ridge_regressors(
     for k in range(n_classes):
         rows = np.flatnonzero(used & (labels == k))
         n_samples[k] = len(rows)
-        if len(rows) == 0:
-            continue
-        targets = bbox_deltas(torch.from_numpy(proposal_boxes[rows]), torch.from_numpy(gt_boxes[rows])).numpy()
-        target_mean = targets.mean(axis=0)
-        if len(rows) * (dim + 1) * 8 <= max_design_bytes:
-            beta = _ridge_whole(features[rows], feature_scale, targets - target_mean, lam)
-        else:
-            beta = _ridge_chunked(features, rows, feature_scale, targets - target_mean, lam)
-        coef[k] = beta[:, :dim]
-        intercept[k] = beta[:, dim] + target_mean
-        trained[k] = True
+        if len(rows):
+            coef[k], intercept[k] = fit_class(features[rows], proposal_boxes[rows], gt_boxes[rows], lam, feature_scale,
+                                              max_design_bytes)
+            trained[k] = True
     return BBoxRegressor(
         coef=coef,
         intercept=intercept,
@@ -155,6 +148,21 @@ def fit_ridge_regressors(
         lam=float(lam),
         min_iou=float(min_iou),
     )
+
+
+def fit_class(features: np.ndarray, boxes: np.ndarray, gt_boxes: np.ndarray, lam: float, feature_scale: float,
+              max_design_bytes: int = 2 << 30) -> tuple[np.ndarray, np.ndarray]:
+    """One class's regressor from its training windows (already selected: IoU > min_iou):
+    ``(coef float32 [4, D], intercept float64 [4])`` (target mean included)."""
+    dim = features.shape[1]
+    targets = bbox_deltas(torch.from_numpy(np.asarray(boxes, np.float64)),
+                          torch.from_numpy(np.asarray(gt_boxes, np.float64))).numpy()
+    target_mean = targets.mean(axis=0)
+    if len(features) * (dim + 1) * 8 <= max_design_bytes:
+        beta = _ridge_whole(features, feature_scale, targets - target_mean, lam)
+    else:
+        beta = _ridge_chunked(features, np.arange(len(features)), feature_scale, targets - target_mean, lam)
+    return beta[:, :dim].astype(np.float32), beta[:, dim] + target_mean
 
 
 def _design(features: np.ndarray, scale: float) -> np.ndarray:

@@ -23,6 +23,10 @@ Hard-negative mining (one pass over the images, per class):
   negatives were added since the last training, and after the last image; never while the
   cache is empty.
 - After each retrain, cached negatives scoring < ``evict_threshold`` (-1.2) are evicted.
+- With ``max_cache`` > 0, a cache still larger than that after the eviction keeps only its
+  ``max_cache`` highest-scoring negatives: a hard memory bound (20 classes x max_cache x D x
+  the dtype's bytes) that the releases did not have; it changes nothing while caches stay under
+  it (they do on the embedded data; R-CNN's VOC caches held ~10-30k per class).
 - The cache holds ``cache_dtype`` copies: float16 halves the memory of 20 classes' caches of
   4,096-d fc7 features (the hard/easy decisions are still made on the float32 features; the
   cached copies, rounded to float16, are what the retrains see).
@@ -217,8 +221,13 @@ def train_class_svm(
             "n_neg_sv": int((z_neg > -1 - np.finfo(np.float32).eps).sum()),
             **losses,
         }
-        history.append(entry)
         kept = negatives[~easy]
+        if params.max_cache and len(kept) > params.max_cache:
+            # a memory bound the releases did not have: keep the hardest (highest-scoring) ones
+            hardest = np.sort(np.argsort(-z_neg[~easy], kind="stable")[: params.max_cache])
+            entry["n_capped"] = int(len(kept) - params.max_cache)
+            kept = kept[hardest]
+        history.append(entry)
         cache = [kept] if len(kept) else []
         n_added = 0
         if log is not None:

@@ -502,7 +502,8 @@ def train_on_pool_items(head: FcHead, pooled: PooledFeatures, image_ids: Sequenc
     t_train = time.perf_counter()
     stats, resumed_from = train(head, reader, sampler, params, device, out.dir / RESUME, out.key, max_cache_bytes)
     return stats, resumed_from, {"in_memory": reader.in_memory, "cache_seconds": cache_seconds,
-                                 "train_seconds": time.perf_counter() - t_train, "map_reads": pooled.maps.reads}
+                                 "train_seconds": time.perf_counter() - t_train, "map_reads": pooled.maps.reads,
+                                 "map_cache_bytes": pooled.maps.bytes}
 
 
 @single_torch_thread()  # small matrix work: a second OpenMP thread only waits on a busy core
@@ -558,6 +559,7 @@ def run(params: FinetuneParams, inputs: Inputs, out: StageRun) -> Manifest:
         "random_scale": bool(params.random_scale),
         "flip": bool(params.flip),
         "map_reads": reading["map_reads"],
+        "map_cache_bytes": reading["map_cache_bytes"],
         "classes": classes,
         "labels": [BACKGROUND] + classes,
         "checkpoint": OUTPUT,

@@ -111,6 +111,8 @@ def check_params(params: SvmParams) -> None:
         raise ValueError("svm.neg_iou and svm.neg_dedup_iou must be in (0, 1]")
     if params.retrain_limit < 0:
         raise ValueError(f"svm.retrain_limit must be >= 0, got {params.retrain_limit}")
+    if params.max_cache < 0:
+        raise ValueError(f"svm.max_cache must be >= 0 (0 = no bound), got {params.max_cache}")
     if params.neg_dedup not in NEG_DEDUPS:
         raise ValueError(f"svm.neg_dedup = {params.neg_dedup!r}; use one of {', '.join(NEG_DEDUPS)}")
     if params.cache_dtype not in STORAGE_DTYPES:

@@ -300,3 +300,16 @@ def test_float16_cache_changes_nothing_when_features_are_float16_exact():
     wide = train_class_svm(positives, iter(noisy), SvmParams(C=0.1, retrain_limit=30))
     half = train_class_svm(positives, iter(noisy), SvmParams(C=0.1, retrain_limit=30, cache_dtype="float16"))
     assert np.abs(wide.w - half.w).max() < 1e-2 * np.abs(wide.w).max()
+
+
+def test_max_cache_keeps_the_hardest_negatives_and_is_a_no_op_when_not_reached():
+    rng = np.random.default_rng(12)
+    positives = rng.standard_normal((20, 5)) + 1.0
+    batches = [rng.standard_normal((60, 5)) for _ in range(20)]  # inseparable: the cache keeps growing
+    free = train_class_svm(positives, iter(batches), SvmParams(C=0.1, retrain_limit=50))
+    roomy = train_class_svm(positives, iter(batches), SvmParams(C=0.1, retrain_limit=50, max_cache=10**6))
+    np.testing.assert_array_equal(free.w, roomy.w)
+    capped = train_class_svm(positives, iter(batches), SvmParams(C=0.1, retrain_limit=50, max_cache=40))
+    assert max(h["n_cache"] for h in capped.history) <= 40 + 50 + 60  # the bound plus one interval's additions
+    assert any(h.get("n_capped") for h in capped.history)
+    assert max(h["n_cache"] for h in free.history) > max(h["n_cache"] for h in capped.history)
