@@ -203,6 +203,7 @@ def run(params: BBoxRegParams, inputs: Inputs, out: StageRun) -> Manifest:
         "training_windows": fit["windows"],
         # the most vectors in memory at once: the largest class's
         "peak_vector_bytes": int(max((e["windows"] for e in fit["per_class"].values()), default=0) * pooled.row_bytes),
+        "map_cache_bytes": int(pooled.maps.bytes),
         "mean_iou_before": fit["mean_iou_before"],
         "mean_iou_after": fit["mean_iou_after"],
         "per_class": fit["per_class"],
