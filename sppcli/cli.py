@@ -315,20 +315,36 @@ def pool_windows_cmd(levels, **kw):
 
 @main.command("classify")
 @click.option("--size", type=int, default=None, help="Images resized so min(w, h) = size.")
-@click.option("--layer", type=click.Choice(["pool5", "fc6", "fc7"]), default=None)
+@click.option("--layer", type=click.Choice(["pool5", "pool5_6x6", "fc6", "fc7"]), default=None,
+              help="pool5: the whole pyramid; pool5_6x6: its 6x6 level only.")
+@click.option("--view", type=click.Choice(["full", "crop"]), default=None,
+              help="full: the whole image; crop: its centre size x size square.")
+@click.option("--folder", type=click.Path(file_okay=False), default=None,
+              help="A <class>/<image> folder (e.g. Caltech101): its random-splits protocol instead of VOC.")
 @stage_options(split=False)
 @friendly_errors
-def classify_cmd(size, layer, **kw):
-    """Full-image classification with SPP features and linear SVMs; per-class AP and mAP.
+def classify_cmd(size, layer, view, folder, **kw):
+    """Image classification with SPP features and linear SVMs.
+
+    On the VOC splits: per-class AP and mAP (the paper's Table 3). With --folder: Caltech101's
+    protocol (classify.train_per_class / test_per_class / splits), mean class accuracy +- std
+    over the random splits (Table 4).
 
     \b
-    Example:
+    Examples:
       sppcli classify --config pipelines/demo.toml --size 224 --layer fc7
+      sppcli classify --config pipelines/demo.toml --folder /data/101_ObjectCategories --size 224 --layer pool5
     """
     from sppcli.data.voc_eval import format_ap_table
 
-    extra = _set("classify.size", size) + _set("classify.layer", layer)
+    extra = (_set("classify.size", size) + _set("classify.layer", layer) + _set("classify.view", view)
+             + _set("classify.folder", str(Path(folder).resolve()) if folder else None))
     planner, m = _run_stage("classify", "sppcli.stages.classify", kw, extra)
+    if m.metrics.get("protocol") == "folder":
+        emit(m, kw["as_json"], f"classify: mean class accuracy {100 * m.metrics['accuracy_mean']:.2f} "
+                               f"+- {100 * m.metrics['accuracy_std']:.2f} % over {len(m.metrics['accuracy'])} "
+                               f"splits ({m.metrics['layer']}, {m.metrics['view']} s={m.metrics['size']}) -> {m.dir}")
+        return
     classes = planner.dataset(planner.split_of("train")).classes
     click.echo(format_ap_table({f"{m.metrics['layer']} s={m.metrics['size']}": m.metrics["ap"]}, classes), err=True)
     mAP = m.metrics.get("mAP")

@@ -215,8 +215,15 @@ class ClassifyParams:
     """Full-image classification with SPP features (paper section 3.1.4 / Table 9 analog)."""
 
     size: int = 392  # min(w, h) = s
-    layer: str = "fc7"  # pool5 | fc6 | fc7
+    layer: str = "fc7"  # pool5 (the whole pyramid) | pool5_6x6 (its 6 x 6 level) | fc6 | fc7
     C: float = 1.0
+    view: str = "full"  # full: the whole image | crop: its centre size x size (Table 3 (a), (b))
+    # A folder of <class>/<image> files instead of the VOC splits: Caltech101's protocol (Table 4)
+    folder: str = ""
+    train_per_class: int = 30
+    test_per_class: int = 50
+    splits: int = 10
+    seed: int = 0
 
 
 # Explicit table, no registry magic: section name in the TOML -> its dataclass.

@@ -94,6 +94,8 @@ class Planner:
 
     def plan(self, stage: str, split: str | None = None) -> Plan:
         c = self.config
+        if stage == "classify" and c.classify.folder:
+            return self._plan_folder_classify()
         train = c.dataset.train_split
         split = split or (c.dataset.test_split if stage in ("detect", "evaluate") else train)
         ds = self.dataset(split)
@@ -163,6 +165,24 @@ class Planner:
             raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
         return Plan(stage=stage, split=split, dataset=ds.name, params=params, upstream=upstream,
                     external=external)
+
+    def _plan_folder_classify(self) -> Plan:
+        """classify on a folder-per-class set: the images and the net, no VOC split."""
+        c = self.config
+        folder = Path(c.classify.folder).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"classify.folder = {c.classify.folder!r}: no such folder")
+        folder = folder.resolve()
+        external = {"folder": self.store.digests.files([p for p in sorted(folder.rglob("*")) if p.is_file()],
+                                                       base=folder)}
+        upstream: dict[str, Plan] = {}
+        params = {"classify": as_dict(c.classify), "net": as_dict(c.net)}
+        if c.features.weights:
+            external["weights"] = self.weights_digest(c.features.weights)
+        else:
+            upstream["pretrain"] = self.plan("pretrain")
+        return Plan(stage="classify", split="folder", dataset=f"{folder.parent.name}_{folder.name}",
+                    params=params, upstream=upstream, external=external)
 
     # -- resolution and execution
 

@@ -7,9 +7,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from sppcli.artifacts import ArtifactStore
 from sppcli.nets.net_source import NetSource, load_net, net_record
+from sppcli.nets.sppnet import normalize
 from sppcli.pipeline import Planner, RunOptions, run_stage
 from sppcli.stages import classify
 from sppcli.data.voc_eval import average_precision
@@ -127,3 +129,91 @@ def test_full_image_features_are_l2_normalised_and_any_aspect(tiny_devkit, tiny_
     feats = classify.split_features(net, dataset, 72, "fc6", "cpu", 1, "test")
     assert feats.shape == (len(dataset), net.head.hidden)
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
+
+
+def _colour_folder(root, shuffle_labels: bool = False, per_class: int = 36):
+    """Three classes of noisy 40 x 40 images whose mean colour is the class: a random net's pooled
+    conv5 separates them. With ``shuffle_labels`` the same images go to random class folders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
+    images = [(k, np.clip(colours[k] + rng.normal(0, 40, (40, 40, 3)), 0, 255).astype(np.uint8))
+              for k in range(3) for _ in range(per_class)]
+    folders = rng.permutation([k for k, _ in images]) if shuffle_labels else [k for k, _ in images]
+    for i, ((_, pixels), folder) in enumerate(zip(images, folders)):
+        (root / f"class{folder}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / f"class{folder}" / f"{i:04d}.png")
+    return root
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_folder_protocol_learns_real_classes_and_not_shuffled_ones(tiny_devkit, tiny_weights, tmp_path, shuffled):
+    folder = _colour_folder(tmp_path / "colours", shuffle_labels=shuffled)
+    config = tiny_config(tiny_devkit, tiny_weights, f"classify.folder={str(folder)!r}", "classify.size=64",
+                         "classify.layer='pool5'", "classify.splits=3", "classify.train_per_class=20",
+                         "classify.test_per_class=50")
+    planner = Planner(ArtifactStore(tmp_path / "cache"), config)
+    plan = planner.plan("classify")
+    assert "pretrain" not in plan.upstream and "folder" in plan.external  # no VOC split, no features run
+    manifest, ran = run_stage(planner, classify, plan, RunOptions(device="cpu"), log=lambda msg: None)
+    m = manifest.metrics
+    assert ran and m["protocol"] == "folder" and len(m["accuracy"]) == 3
+    assert m["images_per_class"] == {"class0": 36, "class1": 36, "class2": 36} or shuffled
+    assert m["accuracy_mean"] == pytest.approx(np.mean(m["accuracy"]))
+    assert m["accuracy_std"] == pytest.approx(np.std(m["accuracy"]))
+    if shuffled:  # a leak of test images into training would show here
+        assert m["accuracy_mean"] < 0.6
+    else:
+        assert m["accuracy_mean"] > 0.9
+    saved = json.loads((manifest.dir / "accuracy.json").read_text())
+    assert [s["mean_class_accuracy"] for s in saved["splits"]] == m["accuracy"]
+    assert all(s["test_images"] == 3 * 16 for s in saved["splits"]) or shuffled
+
+    # an added image changes the key: the folder's content is an input
+    from PIL import Image
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "class0" / "extra.png")
+    assert Planner(ArtifactStore(tmp_path / "cache"), config).plan("classify").key != plan.key
+
+
+def test_crop_view_and_the_6x6_level(tiny_devkit, tiny_weights):
+    from sppcli.data.voc import VocDataset
+
+    net, _ = load_net(tiny_weights)
+    dataset = VocDataset(tiny_devkit, "test")
+    crop = classify.ResizedImages(dataset, 72, "crop")[0]
+    full = classify.ResizedImages(dataset, 72, "full")[0]
+    assert crop.shape[1:] == (72, 72) and full.shape[1] == 72 and full.shape[2] > 72
+    left = (full.shape[2] - 72) // 2
+    assert torch.equal(crop, full[:, :, left:left + 72])  # the centre of the same resized image
+
+    image = full
+    with torch.no_grad():
+        pooled = net.pooled(normalize(image[None]))[0]
+    six = classify.image_features(net, image, "pool5_6x6")
+    channels = net.trunk.out_channels
+    assert six.shape == (channels * 36,)
+    # the 6x6 level is an adaptive/paper max pool of the conv5 map into 6 x 6 bins: check it by
+    # pooling the map with the SPP layer of a net whose only level is 6
+    from sppcli.nets.spp_layer import SpatialPyramidPooling
+    with torch.no_grad():
+        conv5 = net.trunk(normalize(image[None]))
+    reference = SpatialPyramidPooling([6], mode=net.spp.mode)(conv5)[0]
+    assert torch.allclose(six, reference) and torch.allclose(pooled[classify.finest_level_slice(net)], six)
+
+
+def test_classify_folder_from_the_command_line(tiny_devkit, tiny_weights, tmp_path):
+    from click.testing import CliRunner
+
+    from sppcli.cli import main
+    from tests.conftest import tiny_sets
+
+    folder = _colour_folder(tmp_path / "colours", per_class=24)
+    args = ["classify", "--folder", str(folder), "--size", "64", "--layer", "pool5_6x6", "--view", "crop",
+            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--set", "classify.splits=2",
+            "--set", "classify.train_per_class=10"]
+    for item in tiny_sets(tiny_devkit, tiny_weights):
+        args += ["--set", item]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "mean class accuracy" in result.output and "over 2 splits (pool5_6x6, crop s=64)" in result.output
