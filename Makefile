@@ -60,7 +60,7 @@ demo: install
 	done
 	$(SPP) show $(DEMO) --variant ftfc7bb --score 0 --limit 12
 	$(SPP) classify $(DEMO) --device $(DEVICE)
-	$(SPP) report $(DEMO)
+	$(SPP) report $(DEMO) --html
 
 # ---------------------------------------------------------------------------------------------
 # A real PASCAL VOC 2007 devkit with the paper's settings. Interrupted anywhere, the same

@@ -425,13 +425,14 @@ def detect_cmd(bbox_reg, combine, variant, **kw):
 
 
 @main.command("evaluate")
-@click.option("--metric", type=click.Choice(["voc2007", "voc2010"]), default=None,
-              help="voc2007: 11-point interpolated AP; voc2010: area under the PR curve.")
+@click.option("--metric", type=click.Choice(["voc2007", "voc2010", "coco"]), default=None,
+              help="voc2007: 11-point interpolated AP; voc2010: area under the PR curve; "
+                   "coco: pycocotools' mAP@[.5:.95] with AP50 and AP75.")
 @variant_option
 @stage_options()
 @friendly_errors
 def evaluate_cmd(metric, variant, **kw):
-    """PASCAL VOC evaluation: per-class AP table, mAP, PR-curve PNGs, ap.json.
+    """PASCAL VOC or COCO evaluation: per-class AP table, mAP, PR-curve PNGs, ap.json.
 
     \b
     Example:
@@ -567,15 +568,24 @@ def status_cmd(variants, **kw):
 
 
 @main.command("report")
+@click.option("--html", "as_html", is_flag=True,
+              help="Also write the report page: report/index.html under the cache dir (or --out).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the HTML report (default: <cache-dir>/report).")
+@click.option("--score", type=float, default=0.0, show_default=True,
+              help="The page's detection grid draws detections above this score.")
 @stage_options(split=False, runtime=False)
 @friendly_errors
-def report_cmd(**kw):
+def report_cmd(as_html, out, score, **kw):
     """The paper's Table 6 on this pipeline: mAP per layer / fine-tuning / bbox regression row,
     with conv and fc seconds per image. Rows whose artifacts are missing are marked.
 
+    With --html, also a self-contained page (open it from disk): Table 6, timings, per-class AP,
+    PR curves, proposal recall and the first 12 test images with their detections.
+
     \b
     Example:
-      sppcli report --config pipelines/demo.toml
+      sppcli report --config pipelines/demo.toml --html
     """
     from sppcli.report import table6
 
@@ -585,6 +595,11 @@ def report_cmd(**kw):
     if kw["as_json"]:
         click.echo(json.dumps(data, indent=2, default=str))
     click.echo(text)
+    if as_html:
+        from sppcli.report_html import write_html_report
+
+        page = write_html_report(planner, out or Path(kw["cache_dir"]) / "report", score=score)
+        click.echo(f"report: {page}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

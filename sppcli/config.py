@@ -33,12 +33,22 @@ STORAGE_DTYPES = ("float16", "float32")
 
 @dataclasses.dataclass(frozen=True)
 class DatasetParams:
-    """Which VOC-format devkit the pipeline runs on."""
+    """Which dataset the pipeline runs on: a VOC-format devkit, or COCO instances JSON files.
+
+    A ``devkit`` that ends in ``.json`` is the train split's COCO file; see
+    :func:`sppcli.pipeline.open_dataset` for how the splits map to files. None of these keys
+    enters a stage key: the dataset's name and its files' digests do.
+    """
 
     devkit: str = "cache/data/synth/VOC2007"
     train_split: str = "trainval"
     test_split: str = "test"
-    classes: tuple[str, ...] = ()  # empty: classes.txt in the devkit, else the 20 VOC classes
+    classes: tuple[str, ...] = ()  # empty: classes.txt / the COCO categories, else the 20 VOC classes
+    # COCO only. images: the folder a relative file_name is joined to ("" = the JSON's folder);
+    # test_devkit / test_images: the test split's JSON and folder ("" = devkit / images).
+    images: str = ""
+    test_devkit: str = ""
+    test_images: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +216,7 @@ class DetectParams:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateParams:
-    metric: str = "voc2007"  # voc2007 (11-point) | voc2010 (area)
+    metric: str = "voc2007"  # voc2007 (11-point) | voc2010 (area) | coco (mAP@[.5:.95], pycocotools)
     iou: float = 0.5
 
 

@@ -14,16 +14,19 @@ from sppcli.config import ConfigError, load_config
 
 
 def _dataset_shorthands(f):
-    """Fold ``--dataset`` and ``--classes`` into ``--set`` overrides (before the user's own, so
-    an explicit ``--set`` still wins): every command then sees one list of overrides."""
+    """Fold ``--dataset``, ``--images`` and ``--classes`` into ``--set`` overrides (before the
+    user's own, so an explicit ``--set`` still wins): every command then sees one list of overrides."""
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         extra = []
         dataset = kwargs.pop("dataset", None)
         classes = kwargs.pop("classes", None)
+        images = kwargs.pop("images", None)
         if dataset is not None:
             extra.append(f"dataset.devkit={json.dumps(str(dataset))}")
+        if images is not None:
+            extra.append(f"dataset.images={json.dumps(str(images))}")
         if classes is not None:
             names = [c.strip() for c in classes.split(",") if c.strip()]
             extra.append(f"dataset.classes={json.dumps(names)}")
@@ -41,7 +44,10 @@ def _common(f):
         click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                      help="Override one config value, e.g. --set svm.C=0.001 (repeatable)."),
         click.option("--dataset", type=click.Path(path_type=Path), default=None,
-                     help="The dataset: a VOC-format devkit folder (shorthand for --set dataset.devkit=...)."),
+                     help="The dataset: a VOC-format devkit folder or a COCO instances JSON "
+                          "(shorthand for --set dataset.devkit=...)."),
+        click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="COCO only: the folder its file_names are relative to (--set dataset.images=...)."),
         click.option("--classes", default=None, metavar="A,B,C",
                      help="Class names in label order (shorthand for --set dataset.classes=[...])."),
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cache"),

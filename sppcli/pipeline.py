@@ -49,9 +49,42 @@ class Plan:
 
 
 def open_dataset(config: Config, split: str):
+    """The dataset of one split: a VOC devkit's image set, or one COCO instances JSON.
+
+    VOC: ``dataset.devkit`` is the devkit folder and ``split`` names ``ImageSets/Main/<split>.txt``.
+
+    COCO: ``dataset.devkit`` ends in ``.json``. A COCO file holds one split, so a split *name*
+    picks a file: ``dataset.train_split`` reads ``dataset.devkit`` (images under
+    ``dataset.images``), ``dataset.test_split`` reads ``dataset.test_devkit`` (images under
+    ``dataset.test_images``, default ``dataset.images``). COCO itself ships one JSON per split
+    and one image folder per split (``instances_val2017.json`` + ``val2017/``), which is why
+    the test split has its own two keys; the split names stay labels, as they are in every
+    command (``--split test``), artifact path and status line. With no ``test_devkit`` the
+    test split is the train file itself (a warning says so): enough to try the pipeline, not
+    to measure it. Any other split name is an error rather than a guess.
+    """
+    from sppcli.data.coco import CocoDataset, CocoError, is_coco_file
     from sppcli.data.voc import VocDataset
 
-    return VocDataset(Path(config.dataset.devkit), split, config.dataset.classes or None)
+    d = config.dataset
+    classes = d.classes or None
+    if not is_coco_file(d.devkit):
+        return VocDataset(Path(d.devkit), split, classes)
+    if split == d.test_split and (split != d.train_split or d.test_devkit):
+        if split == d.train_split and d.test_devkit != d.devkit:
+            raise CocoError(f"dataset.train_split and dataset.test_split are both {split!r} but "
+                            f"dataset.devkit ({d.devkit}) and dataset.test_devkit ({d.test_devkit}) "
+                            "differ; give the splits different names")
+        if not d.test_devkit:
+            _log.warning("dataset.test_devkit is not set: the %r split reads %s, the training file; "
+                         "results on it say nothing about new images", split, d.devkit)
+        return CocoDataset(Path(d.test_devkit or d.devkit), d.test_images or d.images or None,
+                           split, classes)
+    if split == d.train_split:
+        return CocoDataset(Path(d.devkit), d.images or None, split, classes)
+    raise CocoError(f"split {split!r}: a COCO dataset has the splits {d.train_split!r} "
+                    f"(dataset.devkit = {d.devkit}) and {d.test_split!r} (dataset.test_devkit = "
+                    f"{d.test_devkit or d.devkit})")
 
 
 class Planner:

@@ -1,14 +1,48 @@
-"""`sppcli report`: the paper's Table 6 (and Table 7's per-class layout) for one pipeline config."""
+"""`sppcli report`: the paper's Table 6 (and Table 7's per-class layout) for one pipeline config.
+
+The HTML page (`sppcli report --html`) is built from the same rows in :mod:`sppcli.report_html`.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 
+from sppcli.artifacts import Manifest
 from sppcli.pipeline import VARIANT_LABELS, VARIANTS, Planner
 
 
 def _complete(planner: Planner, plan):
     m = planner.store.manifest(plan.stage, plan.dataset, plan.key)
     return m if m is not None and m.complete else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One Table 6 row: its artifacts when complete, else None, and the command that makes it."""
+
+    variant: str
+    label: str
+    evaluate: Manifest | None
+    detect: Manifest | None
+    command: str
+
+    @property
+    def ap(self) -> dict | None:
+        """The row's ap.json, or None before it is evaluated."""
+        return json.loads(self.evaluate.path("ap.json").read_text()) if self.evaluate else None
+
+
+def table6_rows(planner: Planner) -> list[Row]:
+    """Every Table 6 row of the config, in the paper's order, evaluated or not."""
+    test = planner.config.dataset.test_split
+    rows = []
+    for variant, overrides in VARIANTS.items():
+        p = planner.with_overrides(overrides)
+        plan = p.plan("evaluate", test)
+        rows.append(Row(variant=variant, label=VARIANT_LABELS[variant], evaluate=_complete(p, plan),
+                        detect=_complete(p, p.plan("detect", test)),
+                        command=f"{plan.command} --variant {variant}"))
+    return rows
 
 
 def table6(planner: Planner) -> tuple[str, dict]:
@@ -21,20 +55,16 @@ def table6(planner: Planner) -> tuple[str, dict]:
     column = f"SPP ({len(c.features.scales)}-sc: {scales})"
     rows, per_class, missing = {}, {}, []
     detect_times, pool_times = [], []
-    for variant, overrides in VARIANTS.items():
-        p = planner.with_overrides(overrides)
-        ev = _complete(p, p.plan("evaluate", test))
-        label = VARIANT_LABELS[variant]
-        if ev is None:
-            missing.append(label)
+    for row in table6_rows(planner):
+        if row.evaluate is None:
+            missing.append(row.label)
             continue
-        ap = json.loads((ev.dir / "ap.json").read_text())
-        rows[label] = ap["mAP"]
-        per_class[label] = ap["ap"]
-        det = _complete(p, p.plan("detect", test))
-        if det is not None:
-            detect_times.append(det.metrics.get("fc_seconds_per_image", float("nan")))
-            pool_times.append(det.metrics.get("pool_seconds_per_image", float("nan")))
+        ap = row.ap
+        rows[row.label] = ap["mAP"]
+        per_class[row.label] = ap["ap"]
+        if row.detect is not None:
+            detect_times.append(row.detect.metrics.get("fc_seconds_per_image", float("nan")))
+            pool_times.append(row.detect.metrics.get("pool_seconds_per_image", float("nan")))
     features = _complete(planner, planner.plan("features", test))
     timing = {
         "device": (features.environment.get("device") if features else None) or "?",

@@ -1,9 +1,11 @@
 """The whole detector, stage after stage, on the tiny synthetic devkit (and `make voc2007-detect`
-on the real voc-elephants photos), so that the chain the Makefile runs cannot rot."""
+on the real voc-elephants photos), so that the chain the Makefile runs cannot rot; the same
+devkit read as COCO JSON; and the HTML report of the run."""
 import json
 import os
 import subprocess
 import sys
+from html.parser import HTMLParser
 
 import h5py
 import numpy as np
@@ -12,7 +14,7 @@ from click.testing import CliRunner
 
 from sppcli.artifacts import ArtifactStore
 from sppcli.cli import main
-from sppcli.pipeline import Planner, RunOptions, run_stage
+from sppcli.pipeline import VARIANTS, Planner, RunOptions, run_stage
 from tests.conftest import REPO, tiny_config, tiny_sets
 
 STAGES = [("proposals", "trainval"), ("proposals", "test"), ("features", "trainval"), ("features", "test"),
@@ -155,3 +157,139 @@ def test_fast_detection_options_move_scores_only_a_little(detector, overrides):
     assert abs(len(sa) - len(sb)) <= 0.05 * len(sa)
     top = min(len(sa), len(sb), 50)
     assert np.abs(sa[-top:] - sb[-top:]).max() < 0.1 * (sa.max() - sa.min())
+
+
+@pytest.fixture(scope="module")
+def coco_detector(tmp_path_factory, tiny_devkit, tiny_weights):
+    """The same tiny pipeline on the same images, read as COCO JSON files (voc_to_coco)."""
+    from sppcli.data.coco import voc_to_coco
+    from sppcli.data.voc import VocDataset
+
+    root = tmp_path_factory.mktemp("coco")
+    files = {}
+    for split in ("trainval", "test"):
+        files[split] = root / f"instances_{split}.json"
+        files[split].write_text(json.dumps(voc_to_coco(VocDataset(tiny_devkit, split))))
+    config = tiny_config(tiny_devkit, tiny_weights, f"dataset.devkit={str(files['trainval'])!r}",
+                         f"dataset.test_devkit={str(files['test'])!r}",
+                         f"dataset.images={str(tiny_devkit / 'JPEGImages')!r}")
+    planner = Planner(ArtifactStore(root / "cache"), config)
+    manifests = {}
+    for stage, split in STAGES:
+        manifests[(stage, split)], _ = run_stage(planner, _module(stage), planner.plan(stage, split), RunOptions())
+    sets = [a for s in tiny_sets(tiny_devkit, tiny_weights) + [
+        f"dataset.devkit={str(files['trainval'])!r}", f"dataset.test_devkit={str(files['test'])!r}",
+        f"dataset.images={str(tiny_devkit / 'JPEGImages')!r}"] for a in ("--set", s)]
+    r = CliRunner().invoke(main, ["evaluate", "--metric", "coco", "--cache-dir", str(root / "cache"), *sets])
+    assert r.exit_code == 0, r.output
+    assert "coco mAP = " in r.output and "AP50 = " in r.output
+    coco = planner.with_overrides(["evaluate.metric='coco'"])
+    manifests["coco"] = planner.store.manifest("evaluate", coco.plan("evaluate").dataset, coco.plan("evaluate").key)
+    return planner, manifests
+
+
+def test_coco_dataset_runs_end_to_end_with_the_voc_datasets_results(coco_detector, detector):
+    planner, manifests = coco_detector
+    voc_planner, voc_manifests = detector
+    assert manifests[("evaluate", "test")].dataset == planner.dataset("test").name
+    assert planner.dataset("test").name.startswith("instances_test_")
+    voc07 = json.loads(manifests[("evaluate", "test")].path("ap.json").read_text())
+    same = json.loads(voc_manifests[("evaluate", "test")].path("ap.json").read_text())
+    # the same pixels and boxes through the other reader: the same detector and the same AP
+    assert voc07["ap"] == same["ap"] and voc07["n_detections"] == same["n_detections"]
+    assert voc07["mAP"] > 0  # not an empty detector agreeing with itself
+    coco = json.loads(manifests["coco"].path("ap.json").read_text())
+    assert coco["metric"] == "coco" and set(coco["ap"]) == set(voc07["ap"])
+    assert {"mAP", "AP50", "AP75", "ap50", "n_positives"} <= set(coco)
+    assert 0.0 <= coco["AP75"] <= coco["AP50"] <= 1.0 and coco["mAP"] <= coco["AP50"]
+    assert coco["n_positives"] == same["n_positives"]
+    assert manifests["coco"].key != manifests[("evaluate", "test")].key
+    assert manifests["coco"].path("pr_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _Page(HTMLParser):
+    """Tables (id -> rows of (text, attributes) cells), every src/href, and tags seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.links, self.tags = {}, [], set()
+        self._table = self._row = self._cell = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.add(tag)
+        self.links += [attrs[k] for k in ("src", "href") if k in attrs]
+        if tag == "table":
+            self._table = self.tables.setdefault(attrs.get("id"), [])
+        elif tag == "tr" and self._table is not None:
+            self._row = []
+            self._table.append(self._row)
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = ["", attrs]
+            self._row.append(self._cell)
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table = None
+        elif tag in ("td", "th"):
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[0] += data
+
+
+def _rows_by_first_cell(table):
+    return {row[0][0]: row for row in table[1:]}
+
+
+def test_html_report_shows_the_artifacts_numbers_and_links_only_files_beside_it(detector, tmp_path,
+                                                                               tiny_devkit, tiny_weights):
+    from sppcli.report_html import write_html_report
+
+    planner, manifests = detector
+    pool5 = planner.with_overrides(VARIANTS["pool5"])  # a second evaluated row
+    for stage, split in [("svm", None), ("detect", "test"), ("evaluate", "test")]:
+        run_stage(pool5, _module(stage), pool5.plan(stage, split), RunOptions())
+    page_path = write_html_report(planner, tmp_path / "report")
+    page = _Page()
+    page.feed(page_path.read_text())
+
+    evaluated = {"ftfc7 bb": manifests[("evaluate", "test")],
+                 "pool5": pool5.store.manifest("evaluate", pool5.plan("evaluate").dataset, pool5.plan("evaluate").key)}
+    table6, per_class = _rows_by_first_cell(page.tables["table6"]), _rows_by_first_cell(page.tables["per-class"])
+    assert set(per_class) == set(evaluated)
+    classes = planner.dataset("test").classes
+    for label, ev in evaluated.items():
+        ap = json.loads(ev.path("ap.json").read_text())
+        text, attrs = table6[label][1]
+        assert float(attrs["data-value"]) == ap["mAP"] and text == f"{100 * ap['mAP']:.1f}"
+        cells = per_class[label][2:]
+        assert len(cells) == len(classes)
+        for name, (text, attrs) in zip(classes, cells):
+            assert float(attrs["data-value"]) == ap["ap"][name] and text == f"{100 * ap['ap'][name]:.1f}"
+    assert [table6[label][1][0] for label in ("fc6", "ftfc6", "ftfc7")] == ["(not run)"] * 3
+
+    proposals = _rows_by_first_cell(page.tables["proposals"])
+    for split in ("trainval", "test"):
+        m = manifests[("proposals", split)].metrics
+        assert float(proposals[split][4][1]["data-value"]) == m["recall@0.5"]
+    timings = _rows_by_first_cell(page.tables["timings"])
+    fc = max(manifests[("detect", "test")].metrics["fc_seconds_per_image"],
+             pool5.store.manifest("detect", pool5.plan("detect").dataset, pool5.plan("detect").key).metrics["fc_seconds_per_image"])
+    assert float(timings["fc (fc layers + SVMs)"][1][1]["data-value"]) == fc
+
+    # self-contained: relative links to files that exist, no script, nothing fetched from elsewhere
+    assert "script" not in page.tags and "link" not in page.tags
+    files = [link for link in page.links if not link.startswith("#")]
+    assert files and all("://" not in f and not f.startswith("/") for f in files)
+    assert all((page_path.parent / f).is_file() for f in files)
+    assert (page_path.parent / "pr" / "ftfc7bb.png").read_bytes() == evaluated["ftfc7 bb"].path("pr_curves.png").read_bytes()
+    drawn = [f for f in files if f.startswith("detections/") and f.endswith(".png")]
+    assert len(drawn) == len(planner.dataset("test")) == 6  # the tiny test split: fewer than 12
+
+    # the same page from the command line, into the cache by default
+    sets = [a for s in tiny_sets(tiny_devkit, tiny_weights) for a in ("--set", s)]
+    r = CliRunner().invoke(main, ["report", "--html", "--cache-dir", str(planner.store.root), *sets])
+    assert r.exit_code == 0, r.output
+    assert (planner.store.root / "report" / "index.html").read_text().count("<figure") == page_path.read_text().count("<figure")
