@@ -293,3 +293,24 @@ def test_html_report_shows_the_artifacts_numbers_and_links_only_files_beside_it(
     r = CliRunner().invoke(main, ["report", "--html", "--cache-dir", str(planner.store.root), *sets])
     assert r.exit_code == 0, r.output
     assert (planner.store.root / "report" / "index.html").read_text().count("<figure") == page_path.read_text().count("<figure")
+
+
+def test_coco_detections_file_is_a_results_file_of_the_original_instances(coco_detector):
+    """pycocotools' own loadRes + COCOeval on the user's file give the AP that evaluate reports."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    planner, manifests = coco_detector
+    results = json.loads(manifests[("detect", "test")].path("detections.json").read_text())
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(planner.dataset("test").json_path))
+        evaluator = COCOeval(gt, gt.loadRes(results), iouType="bbox")
+        evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    assert {r["image_id"] for r in results} <= set(gt.getImgIds())
+    assert {r["category_id"] for r in results} <= set(gt.getCatIds())
+    ours = json.loads(manifests["coco"].path("ap.json").read_text())
+    assert evaluator.stats[1] == pytest.approx(ours["AP50"], abs=1e-9)
+    assert evaluator.stats[0] == pytest.approx(ours["mAP"], abs=1e-9)

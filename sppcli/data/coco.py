@@ -39,7 +39,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -129,6 +129,7 @@ class CocoDataset:
             self.classes = tuple(names)
         self._class_index = {name: i for i, name in enumerate(self.classes)}
         category_name = {c["id"]: n for c, n in zip(categories, names)}
+        self._category_id = {n: c["id"] for c, n in zip(categories, names)}
 
         self._images: dict[str, dict] = {}
         for number, image in enumerate(doc["images"], 1):
@@ -213,6 +214,10 @@ class CocoDataset:
     def external_files(self) -> list[Path]:
         """The JSON and every image: what this dataset's ground truth and pixels come from."""
         return [self.json_path.absolute()] + [self.image_path(i) for i in self.ids]
+
+    def results_ids(self, image_id: str, label: int) -> tuple[Any, Any]:
+        """(image id, category id) as this file writes them, for a COCO results file."""
+        return self._images[image_id]["id"], self._category_id[self.classes[label]]
 
     # -- content ----------------------------------------------------------------------------------
 
@@ -306,6 +311,27 @@ def voc_to_coco(voc_dataset, images_dir: Path | None = None) -> dict:
                                       file_name)
     doc["info"] = {"description": f"{getattr(voc_dataset, 'name', 'dataset')}, converted by sppcli"}
     return doc
+
+
+def results_file(dataset, image_ids: Sequence[str], image_index: np.ndarray, labels: np.ndarray,
+                 boxes: np.ndarray, scores: np.ndarray) -> list[dict]:
+    """Detections as a COCO results list (``[{image_id, category_id, bbox, score}]``).
+
+    On a COCO dataset the ids are the instances file's own, so ``COCO.loadRes`` of the original
+    file accepts the list as it is; on a VOC dataset images keep their VOC ids (strings) and
+    category ``k + 1`` is class ``k``, as :func:`voc_to_coco` numbers them.
+    """
+    own_ids = getattr(dataset, "results_ids", None)
+    results = []
+    for i in range(len(scores)):
+        image_id, label = image_ids[int(image_index[i])], int(labels[i])
+        coco_image, category = own_ids(image_id, label) if own_ids else (image_id, label + 1)
+        x1, y1, x2, y2 = (float(v) for v in boxes[i])
+        results.append({"image_id": coco_image, "category_id": category,
+                        "category": dataset.classes[label],
+                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                        "score": round(float(scores[i]), 5)})
+    return results
 
 
 def is_coco_file(path: str | Path) -> bool:

@@ -34,6 +34,7 @@ import torch
 
 from sppcli.artifacts import ITEMS, MANIFEST, Manifest, StageRun, atomic_path, atomic_write_json, item_means
 from sppcli.config import DetectParams
+from sppcli.data.coco import results_file
 from sppcli.parallel import map_images, progress, resolve_device, single_torch_thread
 from sppcli.stages.pool import pooled_features_of
 
@@ -384,10 +385,7 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
         lines = [f"{ids[image_index[i]]} {scores[i]:.6f} " + " ".join(f"{v:.1f}" for v in voc_boxes[i]) for i in sel]
         with atomic_path(results / f"comp4_det_{ds.split}_{name}.txt") as tmp:
             tmp.write_text("\n".join(lines) + ("\n" if lines else ""))
-    coco = [{"image_id": ids[image_index[i]], "category_id": int(labels[i]) + 1, "category": class_names[labels[i]],
-             "bbox": [round(float(boxes[i, 0]), 2), round(float(boxes[i, 1]), 2),
-                      round(float(boxes[i, 2] - boxes[i, 0]), 2), round(float(boxes[i, 3] - boxes[i, 1]), 2)],
-             "score": round(float(scores[i]), 5)} for i in range(len(scores))]
+    coco = results_file(ds, ids, image_index, labels, boxes, scores)
     atomic_write_json(out.dir / "detections.json", coco)
 
     metrics = {"n_detections": int(len(scores)), "n_images": len(ids),
