@@ -602,5 +602,42 @@ def report_cmd(as_html, out, score, **kw):
         click.echo(f"report: {page}", err=True)
 
 
+@main.command("paper")
+@click.option("--tables", default="1,2,3,4,9", show_default=True, metavar="1,2,3,4,9",
+              help="Which of the paper's tables to build.")
+@click.option("--folder", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Table 4's folder-per-class set (<class>/<image>), one the pretraining never saw.")
+@stage_options(split=False)
+@friendly_errors
+def paper_cmd(tables, folder, **kw):
+    """The paper's Tables 1, 2, 3, 4 and 9 on this pipeline's data, each beside the paper's numbers.
+
+    Runs every stage the tables need (nets with and without the pyramid, single- and multi-size,
+    a second seed, classification runs), each skipped when up to date; writes
+    <cache-dir>/paper/tables.txt and tables.json.
+
+    \b
+    Example:
+      sppcli paper --config pipelines/demo.toml --folder cache/data/synth/caltech
+    """
+    from sppcli.artifacts import atomic_write_bytes, atomic_write_json
+    from sppcli.paper import PaperRun, paper_tables
+    from sppcli.pipeline import RunOptions
+
+    setup_logging(kw["verbose"], kw["quiet"])
+    planner = make_planner(kw["config_path"], kw["overrides"], kw["cache_dir"])
+    options = RunOptions(device=kw["device"], workers=kw["workers"], scheduler=kw["scheduler"])
+    numbers = [n.strip() for n in tables.split(",") if n.strip()]
+    built = paper_tables(PaperRun(planner, options, folder=folder), numbers)
+    text = "\n\n".join(t.format() for t in built)
+    out = Path(kw["cache_dir"]) / "paper"
+    atomic_write_bytes(out / "tables.txt", (text + "\n").encode())
+    atomic_write_json(out / "tables.json", [t.to_json() for t in built])
+    if kw["as_json"]:
+        click.echo(json.dumps([t.to_json() for t in built], indent=2))
+    click.echo(text)
+    click.echo(f"paper: {out / 'tables.txt'}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
