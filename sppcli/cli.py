@@ -466,7 +466,7 @@ def show_cmd(score, limit, out, variant, **kw):
     Example:
       sppcli show --config pipelines/demo.toml --variant ftfc7bb --score 0.5 --limit 10
     """
-    from sppcli.stages.detect import draw_detections_of
+    from sppcli.stages.detect import draw_detections_of, found_in_drawn
 
     setup_logging(kw["verbose"], kw["quiet"])
     planner = make_planner(kw["config_path"], kw["overrides"], kw["cache_dir"], _variant(variant))
@@ -474,8 +474,10 @@ def show_cmd(score, limit, out, variant, **kw):
     m = planner.store.manifest(plan.stage, plan.dataset, plan.key)
     if m is None or not m.complete:
         raise click.ClickException(f"no complete detections for {plan.dataset}; run `{plan.command}` first")
-    written = draw_detections_of(m, planner.dataset(plan.split), out or m.dir / "show", score, limit)
+    dataset = planner.dataset(plan.split)
+    written = draw_detections_of(m, dataset, out or m.dir / "show", score, limit)
     click.echo(f"show: {len(written)} PNGs -> {(out or m.dir / 'show')}", err=True)
+    click.echo(f"show: at score > {score:g}, {found_in_drawn(m, dataset, score, limit)} (IoU >= 0.5)", err=True)
 
 
 @main.command("export")

@@ -3,6 +3,7 @@ on the real voc-elephants photos), so that the chain the Makefile runs cannot ro
 devkit read as COCO JSON; and the HTML report of the run."""
 import json
 import os
+import re
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -107,6 +108,7 @@ def test_cli_status_report_show_and_combine(detector, tmp_path, tiny_devkit, tin
     r = runner.invoke(main, ["show", "--cache-dir", cache, *sets, "--limit", "2", "--out", str(tmp_path / "png")])
     assert r.exit_code == 0, r.output
     assert len(list((tmp_path / "png").glob("*.png"))) == 2
+    assert re.search(r"at score > 0, \d+ of \d+ objects found, \d+ false box(es)? in 2 images", r.output)
     # model combination with itself: the union of identical windows after NMS is the same set
     det_dir = str(manifests[("detect", "test")].dir)
     r = runner.invoke(main, ["detect", "--cache-dir", cache, *sets, "--combine", det_dir, "--json"])

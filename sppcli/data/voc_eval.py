@@ -292,6 +292,37 @@ def evaluate(
     return EvalResult(ap=ap, mAP=mean_ap, per_class=per_class, metric=metric, iou_threshold=iou_threshold)
 
 
+@dataclasses.dataclass(frozen=True)
+class FoundCount:
+    """What a person sees in drawn detections: of ``objects`` (non-difficult) ground-truth
+    objects, ``found`` are matched by a drawn box; ``false_boxes`` drawn boxes match none
+    (duplicates of a found object included), both by the devkit's greedy matching."""
+
+    images: int
+    objects: int
+    found: int
+    false_boxes: int
+
+    def __str__(self) -> str:
+        return (f"{self.found} of {self.objects} objects found, {self.false_boxes} false "
+                f"box{'es' if self.false_boxes != 1 else ''} in {self.images} images")
+
+
+def found_and_false(
+    gt_by_image: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    dets_by_class: Mapping[str, tuple[Sequence[str], np.ndarray, np.ndarray]],
+    class_names: Sequence[str],
+    iou_threshold: float = 0.5,
+) -> FoundCount:
+    """Objects found and false boxes among ``dets_by_class`` (the drawn ones; arguments as
+    :func:`evaluate`, which does the matching)."""
+    result = evaluate(gt_by_image, dets_by_class, class_names, iou_threshold=iou_threshold)
+    classes = result.per_class.values()
+    return FoundCount(images=len(gt_by_image), objects=sum(r.n_positives for r in classes),
+                      found=int(sum(r.is_tp.sum() for r in classes)),
+                      false_boxes=int(sum(r.is_fp.sum() for r in classes)))
+
+
 def format_ap_table(rows: Mapping[str, Mapping[str, float]], class_names: Sequence[str]) -> str:
     """A plain-text AP table in the layout of the SPP-net paper's Table 7.
 

@@ -447,3 +447,22 @@ def draw_detections_of(manifest: Manifest, dataset, out_dir: Path, score: float,
                               dataset.classes, score_threshold=score)
         written.append(save_png(img, Path(out_dir) / f"{image_id}.png"))
     return written
+
+
+def found_in_drawn(manifest: Manifest, dataset, score: float, limit: int):
+    """:class:`~sppcli.data.voc_eval.FoundCount` of the detections ``draw_detections_of`` draws."""
+    from sppcli.data.voc_eval import found_and_false
+
+    dets = read_detections(manifest)
+    shown = dets.image_ids[:limit]
+    gt = {}
+    for image_id in shown:
+        truth = dataset.ground_truth(image_id)
+        gt[image_id] = (truth.boxes, truth.labels, truth.difficult)
+    drawn = (dets.image_index < len(shown)) & (dets.scores > score)
+    by_class = {}
+    for k, name in enumerate(dets.class_names):
+        sel = np.flatnonzero(drawn & (dets.labels == k))
+        by_class[name] = ([shown[i] for i in dets.image_index[sel]], dets.scores[sel], dets.boxes[sel])
+    return found_and_false(gt, by_class, dets.class_names)
+

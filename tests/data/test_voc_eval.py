@@ -272,3 +272,19 @@ def test_matches_devkit_transliteration_on_random_data():
         np.testing.assert_array_equal(result.is_fp, fp, err_msg=f"trial {trial}")
         np.testing.assert_allclose(result.recall, rec)
         assert result.ap == pytest.approx(ap, abs=1e-12)
+
+
+def test_found_and_false_counts_what_a_person_sees_hand_worked():
+    from sppcli.data.voc_eval import found_and_false
+
+    gt = {"a": (np.array([[0, 0, 10, 10], [50, 50, 60, 60]]), np.array([0, 0]), np.array([False, True])),
+          "b": (np.array([[0, 0, 20, 20]]), np.array([1]), np.array([False]))}
+    dets = {"cat": (["a", "a", "a", "a"], np.array([0.9, 0.8, 0.7, 0.6]),
+                    np.array([[0, 0, 10, 10],      # finds a's first object
+                              [0, 0, 10, 9],       # a duplicate of it: false
+                              [30, 30, 40, 40],    # on nothing: false
+                              [50, 50, 60, 60]])),  # the difficult one: neither
+            "dog": (["b", "a"], np.array([0.5, 0.4]), np.array([[1, 1, 20, 20], [0, 0, 10, 10]]))}  # found; wrong class
+    count = found_and_false(gt, dets, ["cat", "dog"])
+    assert (count.images, count.objects, count.found, count.false_boxes) == (2, 2, 2, 3)
+    assert str(count) == "2 of 2 objects found, 3 false boxes in 2 images"
