@@ -128,7 +128,7 @@ def make_dataset_cmd(out, seed, trainval, test, size, **kw):
 
 
 @main.command("init")
-@click.argument("devkit", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("devkit", type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The pipeline TOML to write.")
 @click.option("--split", default="trainval", show_default=True, help="The split whose sizes are surveyed.")
 @click.option("--base", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -136,35 +136,52 @@ def make_dataset_cmd(out, seed, trainval, test, size, **kw):
 @stage_options(split=False, runtime=False)
 @friendly_errors
 def init_cmd(devkit, out, split, base, **kw):
-    """Write a pipeline file for your own VOC-format dataset, with settings chosen from its sizes.
+    """Write a pipeline file for your own dataset (a VOC-format devkit or a COCO instances JSON),
+    with settings chosen from its sizes.
 
     Surveys the split's images and objects, then sets the dataset, its classes, the proposals'
     segmentation size and minimum window, and the feature scales, saying why in the file;
-    everything else is the base file's. Run every stage with `--config OUT` afterwards.
+    everything else is the base file's (and any --set given here). Run every stage with
+    `--config OUT` afterwards.
 
     \b
-    Example:
+    Examples:
       sppcli init /data/traffic/VOC2007 --out traffic.toml
+      sppcli init annotations/instances_train.json --images train/ --out coco.toml \\
+          --set dataset.test_devkit='"annotations/instances_val.json"' --set dataset.test_images='"val/"'
       sppcli proposals --config traffic.toml --split trainval --workers 8
     """
     from sppcli.config import config_to_toml, load_config
+    from sppcli.data.coco import is_coco_file
     from sppcli.data.survey import suggest, survey
     from sppcli.data.voc import VocDataset, resolve_classes
+    from sppcli.pipeline import open_dataset
 
     setup_logging(kw["verbose"], kw["quiet"])
     if out.exists() and not kw["force"]:
         raise click.ClickException(f"{out} exists; pass --force to replace it")
     base = base or Path(__file__).resolve().parents[1] / "pipelines" / "voc2007.toml"
-    config = load_config(base if base.is_file() else None, list(kw["overrides"]))
-    # The annotations' own names (every object, whatever the classes) decide the classes unless
-    # the config or a classes.txt names them.
-    found = survey(VocDataset(devkit, split, list(config.dataset.classes) or ["-"]))
-    if config.dataset.classes:
-        classes, why = list(config.dataset.classes), "as given"
-    elif (devkit / "classes.txt").is_file():
-        classes, why = list(resolve_classes(devkit)), "from classes.txt"
+    coco = is_coco_file(devkit)
+    if not coco and not devkit.is_dir():
+        raise click.ClickException(f"{devkit}: neither a VOC-format devkit folder nor a COCO instances .json")
+    given = [f"dataset.devkit={json.dumps(str(devkit.resolve()))}"] if coco else []
+    config = load_config(base if base.is_file() else None, list(kw["overrides"]) + given)
+    if coco:
+        # A COCO file names its categories: they are the classes unless --classes/--set picks some.
+        dataset = open_dataset(config, config.dataset.train_split if split == "trainval" else split)
+        found = survey(dataset)
+        classes = list(dataset.classes)
+        why = "as given" if config.dataset.classes else "the file's categories, in category-id order"
     else:
-        classes, why = list(found.class_counts), "the names in the annotations, most objects first"
+        # The annotations' own names (every object, whatever the classes) decide the classes unless
+        # the config or a classes.txt names them.
+        found = survey(VocDataset(devkit, split, list(config.dataset.classes) or ["-"]))
+        if config.dataset.classes:
+            classes, why = list(config.dataset.classes), "as given"
+        elif (devkit / "classes.txt").is_file():
+            classes, why = list(resolve_classes(devkit)), "from classes.txt"
+        else:
+            classes, why = list(found.class_counts), "the names in the annotations, most objects first"
     chosen = suggest(found)
     counts = ", ".join(f"{n} {c}" for n, c in found.class_counts.items())
     changes = {"dataset.devkit": (str(devkit.resolve()), f"{found.images} {split} images surveyed"),
