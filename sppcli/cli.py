@@ -606,7 +606,7 @@ def report_cmd(as_html, out, score, **kw):
     Example:
       sppcli report --config pipelines/demo.toml --html
     """
-    from sppcli.report import table6
+    from sppcli.report.table6 import table6
 
     setup_logging(kw["verbose"], kw["quiet"])
     planner = make_planner(kw["config_path"], kw["overrides"], kw["cache_dir"])
@@ -615,7 +615,7 @@ def report_cmd(as_html, out, score, **kw):
         click.echo(json.dumps(data, indent=2, default=str))
     click.echo(text)
     if as_html:
-        from sppcli.report_html import write_html_report
+        from sppcli.report.html import write_html_report
 
         page = write_html_report(planner, out or Path(kw["cache_dir"]) / "report", score=score)
         click.echo(f"report: {page}", err=True)
@@ -640,7 +640,7 @@ def paper_cmd(tables, folder, **kw):
       sppcli paper --config pipelines/demo.toml --folder cache/data/synth/caltech
     """
     from sppcli.artifacts import atomic_write_bytes, atomic_write_json
-    from sppcli.paper import PaperRun, paper_tables
+    from sppcli.report.paper import PaperRun, paper_tables
     from sppcli.pipeline import RunOptions
 
     setup_logging(kw["verbose"], kw["quiet"])

@@ -247,7 +247,7 @@ def _rows_by_first_cell(table):
 
 def test_html_report_shows_the_artifacts_numbers_and_links_only_files_beside_it(detector, tmp_path,
                                                                                tiny_devkit, tiny_weights):
-    from sppcli.report_html import write_html_report
+    from sppcli.report.html import write_html_report
 
     planner, manifests = detector
     pool5 = planner.with_overrides(VARIANTS["pool5"])  # a second evaluated row

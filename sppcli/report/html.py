@@ -19,7 +19,7 @@ from sppcli.artifacts import atomic_path, atomic_write_bytes
 from sppcli.data.proposal_recall import RECALL_THRESHOLDS
 from sppcli.data.voc_eval import VOC_SHORT_NAMES
 from sppcli.pipeline import Planner
-from sppcli.report import _complete, table6, table6_rows
+from sppcli.report.table6 import complete_manifest, table6, table6_rows
 
 GRID_IMAGES = 12
 THUMB_SIDE = 360  # px: sharp in a ~300 px grid cell, a few tens of KB each
@@ -176,7 +176,7 @@ def _curves_section(rows, out: Path) -> str:
 def _proposals_section(planner: Planner) -> str:
     c = planner.config
     splits = list(dict.fromkeys([c.dataset.train_split, c.dataset.test_split]))
-    manifests = {s: _complete(planner, planner.plan("proposals", s)) for s in splits}
+    manifests = {s: complete_manifest(planner, planner.plan("proposals", s)) for s in splits}
     header = ["split", "images", "windows / image", "ground truth"] + \
         [f"recall@{t} (%)" for t in RECALL_THRESHOLDS] + ["MABO", "s / image"]
     body = []

@@ -1,6 +1,6 @@
 """`sppcli report`: the paper's Table 6 (and Table 7's per-class layout) for one pipeline config.
 
-The HTML page (`sppcli report --html`) is built from the same rows in :mod:`sppcli.report_html`.
+The HTML page (`sppcli report --html`) is built from the same rows in :mod:`sppcli.report.html`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sppcli.artifacts import Manifest
 from sppcli.pipeline import VARIANT_LABELS, VARIANTS, Planner
 
 
-def _complete(planner: Planner, plan):
+def complete_manifest(planner: Planner, plan):
     m = planner.store.manifest(plan.stage, plan.dataset, plan.key)
     return m if m is not None and m.complete else None
 
@@ -39,8 +39,8 @@ def table6_rows(planner: Planner) -> list[Row]:
     for variant, overrides in VARIANTS.items():
         p = planner.with_overrides(overrides)
         plan = p.plan("evaluate", test)
-        rows.append(Row(variant=variant, label=VARIANT_LABELS[variant], evaluate=_complete(p, plan),
-                        detect=_complete(p, p.plan("detect", test)),
+        rows.append(Row(variant=variant, label=VARIANT_LABELS[variant], evaluate=complete_manifest(p, plan),
+                        detect=complete_manifest(p, p.plan("detect", test)),
                         command=f"{plan.command} --variant {variant}"))
     return rows
 
@@ -65,7 +65,7 @@ def table6(planner: Planner) -> tuple[str, dict]:
         if row.detect is not None:
             detect_times.append(row.detect.metrics.get("fc_seconds_per_image", float("nan")))
             pool_times.append(row.detect.metrics.get("pool_seconds_per_image", float("nan")))
-    features = _complete(planner, planner.plan("features", test))
+    features = complete_manifest(planner, planner.plan("features", test))
     timing = {
         "device": (features.environment.get("device") if features else None) or "?",
         "conv": features.metrics.get("conv_seconds_per_image") if features else None,

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from sppcli.artifacts import ArtifactStore
 from sppcli.cli import main
-from sppcli.paper import PLAIN_LEVELS, SPP4_LEVELS, SPP6_LEVELS, PaperRun, Table, paper_tables
+from sppcli.report.paper import PLAIN_LEVELS, SPP4_LEVELS, SPP6_LEVELS, PaperRun, Table, paper_tables
 from sppcli.pipeline import Planner
 from tests.conftest import tiny_config, tiny_sets
 from tests.stages.test_classify import _colour_folder

@@ -2,7 +2,7 @@
 (The page of a complete run is checked in tests/test_pipeline_e2e.py, beside the run itself.)"""
 from sppcli.artifacts import ArtifactStore
 from sppcli.pipeline import VARIANTS, Planner
-from sppcli.report_html import write_html_report
+from sppcli.report.html import write_html_report
 from tests.conftest import tiny_config
 
 
