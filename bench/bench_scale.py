@@ -42,7 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 VOC_TRAINVAL, VOC_TEST = 5011, 4952
 PAPER_GPU_SECONDS = {"conv_1": 0.053, "conv_5": 0.293, "fc": 0.089}  # per image, the paper's Table 6
-SCALES = {1: [688], 5: [480, 576, 688, 864, 1200]}
+SCALES = {1: [688], 5: [480, 576, 688, 874, 1200]}  # the release's five (Script_spp_voc.m)
 CLASSES = ["disc", "ring", "triangle", "cross", "star", "crescent", "stripes", "checker"]
 
 # (command, split or None, the stage's artifact folder); order = the Makefile's voc2007-detect
@@ -303,6 +303,8 @@ def main() -> None:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     disk = {s: totals[s]["disk"] / 1e9 if s in totals else float("nan") for s in (1, 5)}
+    print(f"load average at the end (1/5/15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())} on "
+          f"{os.cpu_count()} cores (seconds are wall seconds: other load on the machine inflates them)")
     print("\nVOC 2007 totals: " + "; ".join(f"{s} scale(s): disk {t['disk'] / 1e9:.1f} GB, peak RSS "
                                              f"{t['rss'] / 1e9:.1f} GB, CPU {t['cpu'] / 3600:.1f} h"
                                              for s, t in totals.items()))

@@ -593,9 +593,12 @@ def status_cmd(variants, **kw):
               help="Folder for the HTML report (default: <cache-dir>/report).")
 @click.option("--score", type=float, default=0.0, show_default=True,
               help="The page's detection grid draws detections above this score.")
+@click.option("--scales", "scale_columns", multiple=True, metavar="S1,S2,...",
+              help="Another Table 6 column: the rows run with features.scales=[S1,S2,...] (repeatable; "
+                   "the paper's 1-scale vs 5-scale columns).")
 @stage_options(split=False, runtime=False)
 @friendly_errors
-def report_cmd(as_html, out, score, **kw):
+def report_cmd(as_html, out, score, scale_columns, **kw):
     """The paper's Table 6 on this pipeline: mAP per layer / fine-tuning / bbox regression row,
     with conv and fc seconds per image. Rows whose artifacts are missing are marked.
 
@@ -603,21 +606,28 @@ def report_cmd(as_html, out, score, **kw):
     PR curves, proposal recall and the first 12 test images with their detections.
 
     \b
-    Example:
+    Examples:
       sppcli report --config pipelines/demo.toml --html
+      sppcli report --config pipelines/demo.toml --scales 180,240,320
     """
     from sppcli.report.table6 import table6
 
     setup_logging(kw["verbose"], kw["quiet"])
     planner = make_planner(kw["config_path"], kw["overrides"], kw["cache_dir"])
-    text, data = table6(planner)
+    try:
+        columns = [[int(v) for v in s.split(",") if v.strip()] for s in scale_columns]
+    except ValueError:
+        raise click.BadParameter(f"{', '.join(scale_columns)}: give scales as integers, e.g. 180,240,320",
+                                 param_hint="--scales")
+    text, data = table6(planner, columns)
     if kw["as_json"]:
         click.echo(json.dumps(data, indent=2, default=str))
     click.echo(text)
     if as_html:
         from sppcli.report.html import write_html_report
 
-        page = write_html_report(planner, out or Path(kw["cache_dir"]) / "report", score=score)
+        page = write_html_report(planner, out or Path(kw["cache_dir"]) / "report", score=score,
+                                 scale_columns=columns)
         click.echo(f"report: {page}", err=True)
 
 

@@ -316,3 +316,35 @@ def test_coco_detections_file_is_a_results_file_of_the_original_instances(coco_d
     ours = json.loads(manifests["coco"].path("ap.json").read_text())
     assert evaluator.stats[1] == pytest.approx(ours["AP50"], abs=1e-9)
     assert evaluator.stats[0] == pytest.approx(ours["mAP"], abs=1e-9)
+
+
+def test_report_puts_each_set_of_scales_in_its_own_column(detector):
+    """The paper's Table 6 has a 1-scale and a 5-scale column: `report --scales` adds a column whose
+    rows are the same pipeline with other `features.scales`, each cell from that run's ap.json."""
+    from sppcli.report.table6 import scale_planners, table6
+
+    planner, manifests = detector
+    one_scale = scale_planners(planner, [[128]])[1][1]
+    assert list(one_scale.config.features.scales) == [128]
+    variant = one_scale.with_overrides(VARIANTS["ftfc7bb"])
+    for stage, split in STAGES:
+        run_stage(variant, _module(stage), variant.plan(stage, split), RunOptions())
+    evaluated = variant.store.manifest("evaluate", variant.plan("evaluate", "test").dataset,
+                                       variant.plan("evaluate", "test").key)
+    expected = json.loads(evaluated.path("ap.json").read_text())["mAP"]
+
+    text, data = table6(planner, [[128], [96, 128]])  # the config's own scales are not repeated
+    assert [c["label"] for c in data["columns"]] == ["SPP (2-sc: 96,128)", "SPP (1-sc: 128)"]
+    assert data["columns"][1]["mAP"] == {"ftfc7 bb": expected}
+    assert data["columns"][1]["missing"] == ["pool5", "fc6", "ftfc6", "ftfc7"]
+    assert data["mAP"] == data["columns"][0]["mAP"] and "ftfc7 bb" in data["mAP"]
+    header, bb = text.splitlines()[1], next(line for line in text.splitlines() if line.startswith("ftfc7 bb"))
+    assert header.split() == ["SPP", "(2-sc:", "96,128)", "SPP", "(1-sc:", "128)"]
+    assert bb.split()[2:] == [f"{100 * data['mAP']['ftfc7 bb']:.1f}", f"{100 * expected:.1f}"]
+    pool5 = next(line for line in text.splitlines() if line.startswith("pool5"))
+    assert pool5.split()[-2:] == ["(not", "run)"]
+
+    from sppcli.report.html import write_html_report
+
+    page = write_html_report(planner, planner.store.root / "report-scales", scale_columns=[[128]]).read_text()
+    assert "SPP (1-sc: 128) mAP (%)" in page and f'data-value="{float(expected)!r}"' in page

@@ -19,7 +19,7 @@ from sppcli.artifacts import atomic_path, atomic_write_bytes
 from sppcli.data.proposal_recall import RECALL_THRESHOLDS
 from sppcli.data.voc_eval import VOC_SHORT_NAMES
 from sppcli.pipeline import Planner
-from sppcli.report.table6 import complete_manifest, table6, table6_rows
+from sppcli.report.table6 import complete_manifest, scale_planners, table6, table6_rows
 
 GRID_IMAGES = 12
 THUMB_SIDE = 360  # px: sharp in a ~300 px grid cell, a few tens of KB each
@@ -87,23 +87,26 @@ def _href(*parts: str) -> str:
 # --------------------------------------------------------------------------------------------- sections
 
 
-def _table6_section(planner: Planner, rows, metric: str) -> str:
+def _table6_section(planner: Planner, rows, metric: str, others=()) -> str:
+    """``rows``: the config's own column; ``others``: (heading, rows) of the other scale columns."""
     c = planner.config
     scales = ",".join(str(s) for s in c.features.scales)
     coco = metric == "coco"
-    header = ["", f"SPP ({len(c.features.scales)}-sc: {scales}) mAP (%)"] + (["AP50 (%)", "AP75 (%)"] if coco else [])
+    header = (["", f"SPP ({len(c.features.scales)}-sc: {scales}) mAP (%)"] + (["AP50 (%)", "AP75 (%)"] if coco else [])
+              + [f"{label} mAP (%)" for label, _ in others])
     done = [r for r in rows if r.evaluate is not None]
     best = max((r.ap["mAP"] for r in done if r.ap["mAP"] is not None), default=None)
     body = []
     for r in rows:
         if r.evaluate is None:
             missing = [_cell("(not run)", cls="missing")] * (3 if coco else 1)
-            body.append([f' id="row-{r.variant}"', _cell(r.label)] + missing)
+            body.append([f' id="row-{r.variant}"', _cell(r.label)] + missing + _other_cells(others, r.variant))
             continue
         ap = r.ap
         cells = [_cell(_pct(ap["mAP"]), ap["mAP"])]
         if coco:
             cells += [_cell(_pct(ap.get("AP50")), ap.get("AP50")), _cell(_pct(ap.get("AP75")), ap.get("AP75"))]
+        cells += _other_cells(others, r.variant)
         mark = " best" if best is not None and ap["mAP"] == best and len(done) > 1 else ""
         body.append([f' id="row-{r.variant}" class="row{mark}"', _cell(r.label)] + cells)
     what = ("COCO mAP@[.5:.95] (pycocotools), with AP50 and AP75" if coco
@@ -119,6 +122,15 @@ def _table6_section(planner: Planner, rows, metric: str) -> str:
                 '\n<ul class="note">' + "".join(f"<li><code>{_e(r.command + config)}</code></li>" for r in todo)
                 + "</ul>")
     return '<h2 id="table6">Table 6 analog</h2>\n' + note + _table("table6", header, body) + hint
+
+
+def _other_cells(others, variant: str) -> list[str]:
+    cells = []
+    for _label, rows in others:
+        row = next(r for r in rows if r.variant == variant)
+        cells.append(_cell(_pct(row.ap["mAP"]), row.ap["mAP"]) if row.evaluate is not None
+                     else _cell("(not run)", cls="missing"))
+    return cells
 
 
 def _timing_section(timing: dict) -> str:
@@ -245,7 +257,8 @@ def _grid_section(planner: Planner, rows, out: Path, score: float, limit: int) -
 # --------------------------------------------------------------------------------------------- page
 
 
-def write_html_report(planner: Planner, out_dir: Path, score: float = 0.0, limit: int = GRID_IMAGES) -> Path:
+def write_html_report(planner: Planner, out_dir: Path, score: float = 0.0, limit: int = GRID_IMAGES,
+                      scale_columns=()) -> Path:
     """Write ``out_dir/index.html`` and the images it shows; returns the page's path.
 
     Args:
@@ -253,6 +266,8 @@ def write_html_report(planner: Planner, out_dir: Path, score: float = 0.0, limit
         out_dir: the report folder (``<cache>/report`` from the CLI).
         score: detections above this score are drawn (the paper's Figure 6 draws those > 0).
         limit: how many test images the detection grid shows.
+        scale_columns: other sets of ``features.scales`` whose Table 6 rows are shown beside the
+            config's (the paper's 1-scale and 5-scale columns).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,8 +276,9 @@ def write_html_report(planner: Planner, out_dir: Path, score: float = 0.0, limit
     rows = table6_rows(planner)
     metric = c.evaluate.metric
     _text, data = table6(planner)
+    others = [(label, table6_rows(p)) for label, p in scale_planners(planner, scale_columns)[1:]]
     sections = [
-        _table6_section(planner, rows, metric),
+        _table6_section(planner, rows, metric, others),
         _timing_section(data["timing"]),
         _per_class_section(rows, list(test.classes)),
         _curves_section(rows, out),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 
 from sppcli.artifacts import Manifest
 from sppcli.pipeline import VARIANT_LABELS, VARIANTS, Planner
@@ -45,14 +46,23 @@ def table6_rows(planner: Planner) -> list[Row]:
     return rows
 
 
-def table6(planner: Planner) -> tuple[str, dict]:
-    """Text table and its data: mAP of every Table 6 row that has been evaluated, and timings."""
-    from sppcli.data.voc_eval import format_ap_table
+def scale_planners(planner: Planner, scale_columns: Sequence[Sequence[int]] = ()) -> list[tuple[str, Planner]]:
+    """The paper's Table 6 columns: the config's own scales, then each extra set of scales
+    (``features.scales`` overridden, everything else as configured), with their headings."""
+    out, seen = [], set()
+    for scales in [tuple(planner.config.features.scales), *(tuple(int(v) for v in s) for s in scale_columns)]:
+        if scales in seen:
+            continue
+        seen.add(scales)
+        p = planner if scales == tuple(planner.config.features.scales) else \
+            planner.with_overrides((f"features.scales=[{','.join(str(v) for v in scales)}]",))
+        out.append((f"SPP ({len(scales)}-sc: {','.join(str(v) for v in scales)})", p))
+    return out
 
-    c = planner.config
-    test = c.dataset.test_split
-    scales = ",".join(str(s) for s in c.features.scales)
-    column = f"SPP ({len(c.features.scales)}-sc: {scales})"
+
+def _column(planner: Planner) -> dict:
+    """mAP, per-class AP and timings of one column (one set of scales)."""
+    test = planner.config.dataset.test_split
     rows, per_class, missing = {}, {}, []
     detect_times, pool_times = [], []
     for row in table6_rows(planner):
@@ -73,20 +83,41 @@ def table6(planner: Planner) -> tuple[str, dict]:
         "pool": max(pool_times) if pool_times else None,
         "fc": max(detect_times) if detect_times else None,
     }
+    return {"mAP": rows, "ap": per_class, "timing": timing, "missing": missing}
+
+
+def table6(planner: Planner, scale_columns: Sequence[Sequence[int]] = ()) -> tuple[str, dict]:
+    """Text table and its data: mAP of every Table 6 row that has been evaluated, and timings,
+    in one column per set of scales (the config's, then ``scale_columns``: the paper's 1-scale
+    and 5-scale columns). The data's top-level keys describe the first column; ``columns`` all."""
+    from sppcli.data.voc_eval import format_ap_table
+
+    c = planner.config
+    test = c.dataset.test_split
+    columns = [dict(label=label, scales=list(p.config.features.scales), **_column(p))
+               for label, p in scale_planners(planner, scale_columns)]
+    width = max(22, *(len(col["label"]) + 2 for col in columns))
     n_images = len(planner.dataset(test))
     lines = [f"Table 6 analog: detection mAP (%) on {planner.dataset(test).name} ({n_images} images, "
-             f"{c.evaluate.metric} AP)", f"{'':<22}{column}"]
+             f"{c.evaluate.metric} AP)", f"{'':<22}" + "".join(f"{col['label']:<{width}}" for col in columns)]
     for label in VARIANT_LABELS.values():
-        value = f"{100 * rows[label]:.1f}" if label in rows else "(not run)"
-        lines.append(f"{label:<22}{value}")
+        cells = (f"{100 * col['mAP'][label]:.1f}" if label in col["mAP"] else "(not run)" for col in columns)
+        lines.append(f"{label:<22}" + "".join(f"{v:<{width}}" for v in cells))
     for name in ("conv", "pool", "fc"):
-        v = timing[name]
-        lines.append(f"{name + ' time (' + timing['device'] + ')':<22}{'-' if v is None else f'{v:.3f}s'}")
-    known = [timing[n] for n in ("conv", "pool", "fc") if timing[n] is not None]
-    if len(known) == 3:
-        lines.append(f"{'total time':<22}{sum(known):.3f}s")
-    text = "\n".join(lines)
-    if per_class:
+        device = columns[0]["timing"]["device"]
+        cells = (col["timing"][name] for col in columns)
+        lines.append(f"{name + ' time (' + device + ')':<22}"
+                     + "".join(f"{'-' if v is None else f'{v:.3f}s':<{width}}" for v in cells))
+    totals = []
+    for col in columns:
+        known = [col["timing"][n] for n in ("conv", "pool", "fc") if col["timing"][n] is not None]
+        totals.append(f"{sum(known):.3f}s" if len(known) == 3 else "-")
+    if any(t != "-" for t in totals):
+        lines.append(f"{'total time':<22}" + "".join(f"{t:<{width}}" for t in totals))
+    text = "\n".join(line.rstrip() for line in lines)
+    first = columns[0]
+    if first["ap"]:
         classes = list(planner.dataset(test).classes)
-        text += "\n\nTable 7 analog: per-class AP (%)\n" + format_ap_table(per_class, classes)
-    return text, {"mAP": rows, "ap": per_class, "timing": timing, "missing": missing}
+        text += "\n\nTable 7 analog: per-class AP (%)\n" + format_ap_table(first["ap"], classes)
+    return text, {"mAP": first["mAP"], "ap": first["ap"], "timing": first["timing"], "missing": first["missing"],
+                  "columns": columns}
