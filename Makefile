@@ -13,12 +13,13 @@ CACHE      ?= cache
 WORKERS    ?= 2
 DEVICE     ?= auto
 
-.PHONY: install test demo voc2007-detect bench clean help
+.PHONY: install test demo paper voc2007-detect bench clean help
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make demo            whole pipeline on the embedded synthetic dataset (CPU, minutes)"
 	@echo "make test            the test suite"
+	@echo "make paper           the paper's Tables 1, 2, 3, 4 and 9 on the embedded data (CPU, long)"
 	@echo "make voc2007-detect  VOC_ROOT=.../VOCdevkit/VOC2007 WEIGHTS=... [NET=zf5|alexnet|vgg16] [SCALES=1|5] [DEVICE=cuda]"
 	@echo "make bench           speed benchmarks (bench/)"
 	@echo "make clean           remove $(VENV) and the artifacts under $(CACHE)/"
@@ -42,8 +43,13 @@ test: install
 DEMO := --config pipelines/demo.toml --cache-dir $(CACHE)
 ROWS := pool5 fc6 ftfc6 ftfc7 ftfc7bb
 
+# The pretraining set (the demo's ImageNet: the detection classes and 32 more) is generated
+# beside the devkit, where pipelines/demo.toml's pretrain.folder points.
+PRETRAIN_PER_CLASS ?= 120
+
 demo: install
 	$(SPP) make-dataset $(DEMO)
+	$(SPP) make-dataset $(DEMO) --kind classification --per-class $(PRETRAIN_PER_CLASS)
 	$(SPP) proposals $(DEMO) --split trainval --workers $(WORKERS)
 	$(SPP) proposals $(DEMO) --split test --workers $(WORKERS)
 	$(SPP) pretrain $(DEMO) --workers 1 --device $(DEVICE)
@@ -61,6 +67,16 @@ demo: install
 	$(SPP) show $(DEMO) --variant ftfc7bb --score 0 --limit 12
 	$(SPP) classify $(DEMO) --device $(DEVICE)
 	$(SPP) report $(DEMO) --html
+
+# The paper's tables on the embedded data; Table 4 classifies a folder-per-class set of classes
+# that neither the pretraining nor the detection set has (the Caltech101 analog).
+CALTECH := cache/data/synth/caltech
+
+paper: install
+	$(SPP) make-dataset $(DEMO)
+	$(SPP) make-dataset $(DEMO) --kind classification --per-class $(PRETRAIN_PER_CLASS)
+	$(SPP) make-dataset $(DEMO) --kind caltech --out $(CALTECH)
+	$(SPP) paper $(DEMO) --folder $(CALTECH) --device $(DEVICE)
 
 # ---------------------------------------------------------------------------------------------
 # A real PASCAL VOC 2007 devkit with the paper's settings. Interrupted anywhere, the same
