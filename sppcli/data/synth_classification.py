@@ -270,7 +270,6 @@ def _procedural_background(rng: np.random.Generator, side: int) -> Image.Image:
 
 def _occlude(canvas: np.ndarray, rng: np.random.Generator, centre: tuple[float, float], radius: float) -> None:
     """A clutter shape over part of the object: a rim of it, never its centre."""
-    side = canvas.shape[0]
     a = rng.uniform(0, 2 * np.pi)
     dist = radius * rng.uniform(0.9, 1.3)
     cx, cy = centre[0] + dist * math.cos(a), centre[1] + dist * math.sin(a)
@@ -281,7 +280,6 @@ def _occlude(canvas: np.ndarray, rng: np.random.Generator, centre: tuple[float, 
     else:
         box = cv2.boxPoints(((cx, cy), (2.0 * axes[0], 2.0 * axes[1]), rng.uniform(0, 180)))
         cv2.fillPoly(canvas, [np.round(box).astype(np.int32)], colour, cv2.LINE_AA)
-    del side
 
 
 def render_crop(seed: int, kind: str, name: str, index: int, size: int = 80) -> np.ndarray:

@@ -138,3 +138,19 @@ def test_tiny_pretrain_on_a_generated_set(tiny_devkit, tmp_path):
     # the key follows the folder's content
     (folder / "disc" / "00001.jpg").write_bytes(Image.new("RGB", (SIZE, SIZE)).tobytes()[:10] + b"x")
     assert Planner(ArtifactStore(tmp_path / "cache"), config).plan("pretrain").key != key
+
+
+def test_cli_writes_a_set_and_rejects_detection_options(tiny_devkit, tmp_path):
+    from click.testing import CliRunner
+
+    from sppcli.cli import main
+
+    out = tmp_path / "caltech"
+    args = ["make-dataset", "--kind", "caltech", "--out", str(out), "--per-class", "1", "--size", "24",
+            "--cache-dir", str(tmp_path / "cache"), "--set", f"dataset.devkit={str(tiny_devkit)!r}"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"{len(sc.CALTECH_CLASSES)} classes x 1, 24 px" in result.output
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(sc.CALTECH_CLASSES)
+    result = CliRunner().invoke(main, args + ["--trainval", "4"])
+    assert result.exit_code != 0 and "--trainval and --test are for --kind detection, not caltech" in result.output
