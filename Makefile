@@ -43,13 +43,8 @@ test: install
 DEMO := --config pipelines/demo.toml --cache-dir $(CACHE)
 ROWS := pool5 fc6 ftfc6 ftfc7 ftfc7bb
 
-# The pretraining set (the demo's ImageNet: the detection classes and 32 more) is generated
-# beside the devkit, where pipelines/demo.toml's pretrain.folder points.
-PRETRAIN_PER_CLASS ?= 120
-
 demo: install
 	$(SPP) make-dataset $(DEMO)
-	$(SPP) make-dataset $(DEMO) --kind classification --per-class $(PRETRAIN_PER_CLASS)
 	$(SPP) proposals $(DEMO) --split trainval --workers $(WORKERS)
 	$(SPP) proposals $(DEMO) --split test --workers $(WORKERS)
 	$(SPP) pretrain $(DEMO) --workers 1 --device $(DEVICE)
@@ -74,7 +69,6 @@ CALTECH := cache/data/synth/caltech
 
 paper: install
 	$(SPP) make-dataset $(DEMO)
-	$(SPP) make-dataset $(DEMO) --kind classification --per-class $(PRETRAIN_PER_CLASS)
 	$(SPP) make-dataset $(DEMO) --kind caltech --out $(CALTECH)
 	$(SPP) paper $(DEMO) --folder $(CALTECH) --device $(DEVICE)
 
