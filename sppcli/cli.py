@@ -89,7 +89,7 @@ def main():
 @click.option("--kind", type=click.Choice(["detection", "classification", "caltech"]), default="detection",
               show_default=True,
               help="detection: the VOC-format devkit; classification: a folder-per-class pretraining set "
-                   "(the demo's ImageNet: the devkit's classes and many more); caltech: a folder-per-class set "
+                   "(an ImageNet analog: the devkit's classes and 32 more); caltech: a folder-per-class set "
                    "of classes disjoint from both (Table 4, `sppcli paper --folder`).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder to write (default: the config's dataset.devkit; for classification "

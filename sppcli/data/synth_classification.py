@@ -1,4 +1,4 @@
-"""Folder-per-class sets of synthetic shape crops: the demo's ImageNet and its Caltech101.
+"""Folder-per-class sets of synthetic shape crops: analogs of ImageNet and Caltech101 for the embedded data.
 
 The paper pretrains on ImageNet (1000 classes) and detects VOC's 20, a superset being what makes
 the features general. ``kind = "classification"`` is that superset for the embedded detection
