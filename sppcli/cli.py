@@ -86,29 +86,61 @@ def main():
 
 
 @main.command("make-dataset")
+@click.option("--kind", type=click.Choice(["detection", "classification", "caltech"]), default="detection",
+              show_default=True,
+              help="detection: the VOC-format devkit; classification: a folder-per-class pretraining set "
+                   "(an ImageNet analog: the devkit's classes and 32 more); caltech: a folder-per-class set "
+                   "of classes disjoint from both (Table 4, `sppcli paper --folder`).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Devkit folder to write (default: the config's dataset.devkit).")
+              help="Folder to write (default: the config's dataset.devkit; for classification "
+                   "pretrain.folder, for caltech classify.folder, else beside the devkit).")
 @click.option("--seed", type=int, default=None, help="Random seed (same seed -> same bytes).")
-@click.option("--trainval", type=int, default=None, help="Number of trainval images.")
-@click.option("--test", type=int, default=None, help="Number of test images.")
-@click.option("--size", default=None, metavar="WxH", help="Image size, e.g. 320x240.")
+@click.option("--trainval", type=int, default=None, help="detection: number of trainval images.")
+@click.option("--test", type=int, default=None, help="detection: number of test images.")
+@click.option("--size", default=None, metavar="WxH",
+              help="Image size, e.g. 320x240 (classification, caltech: the crop side, e.g. 80).")
+@click.option("--per-class", type=int, default=None,
+              help="classification, caltech: images per class (default 150, 80).")
 @stage_options(split=False, runtime=False)
 @friendly_errors
-def make_dataset_cmd(out, seed, trainval, test, size, **kw):
-    """Write the embedded synthetic VOC2007-format dataset (the demo's default data).
+def make_dataset_cmd(kind, out, seed, trainval, test, size, per_class, **kw):
+    """Write the embedded synthetic VOC2007-format dataset (the demo's default data), or a
+    folder-per-class set of synthetic shape crops (--kind classification / caltech).
 
     Several shape-and-texture classes on real-photo backgrounds, with occlusion, truncation,
     tiny `difficult` objects and clutter; Annotations/, JPEGImages/, ImageSets/Main/ and
-    classes.txt, exactly as a VOC devkit.
+    classes.txt, exactly as a VOC devkit. The folder-per-class sets are <out>/<class>/<n>.jpg.
 
     \b
-    Example:
+    Examples:
       sppcli make-dataset --out cache/data/synth/VOC2007 --trainval 200 --test 100 --size 320x240
+      sppcli make-dataset --kind classification --per-class 150 --size 80
+      sppcli make-dataset --kind caltech --out cache/data/synth/caltech
     """
-    from sppcli.stages.dataset import make_embedded_dataset
+    from sppcli.stages.dataset import make_classification_dataset, make_embedded_dataset
 
     setup_logging(kw["verbose"], kw["quiet"])
-    extra = _set("synth.seed", seed) + _set("synth.trainval", trainval) + _set("synth.test", test)
+    extra = _set("synth.seed", seed)
+    if kind != "detection":
+        if trainval is not None or test is not None:
+            raise click.UsageError(f"--trainval and --test are for --kind detection, not {kind}")
+        try:
+            side = int(size.lower().split("x")[0]) if size is not None else None
+        except ValueError:
+            raise click.BadParameter(f"{size!r}: expected a crop side, e.g. 80", param_hint="--size") from None
+        planner = make_planner(kw["config_path"], kw["overrides"], kw["cache_dir"], extra)
+        info = make_classification_dataset(planner.config, kind, out=out, per_class=per_class, size=side,
+                                           force=kw["force"])
+        if kw["as_json"]:
+            click.echo(json.dumps(info, indent=2, sort_keys=True))
+        summary = info["summary"]
+        state = "up to date" if info["up_to_date"] else f"written in {info['seconds']:.1f}s"
+        click.echo(f"make-dataset {info['folder']}: {state}; {summary['images']} images, "
+                   f"{len(summary['classes'])} classes x {summary['per_class']}, {summary['size']} px", err=True)
+        return
+    if per_class is not None:
+        raise click.UsageError("--per-class is for --kind classification or caltech")
+    extra += _set("synth.trainval", trainval) + _set("synth.test", test)
     if size is not None:
         try:
             w, h = (int(v) for v in size.lower().split("x"))

@@ -336,9 +336,10 @@ def _propose(rng: np.random.Generator, width: int, height: int, placed: list[_Pl
     return name, _Geometry(cx, cy, half_w, half_h, angle)
 
 
-def _pick_colours(name: str, behind: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _pick_colours(name: str, behind: np.ndarray, rng: np.random.Generator,
+                  two_colours: bool | None = None) -> np.ndarray:
     """float32 ``[2, 3]``: main colour (visible against ``behind``, the mean RGB under the object)
-    and a second, different one for the striped and checkered classes."""
+    and a second, different one for two-coloured classes (default: striped and checkered)."""
     best, best_distance = None, -1.0
     for _ in range(6):
         colour = _palette_colour(rng)
@@ -348,7 +349,7 @@ def _pick_colours(name: str, behind: np.ndarray, rng: np.random.Generator) -> np
         if distance >= 70:
             break
     second = best
-    if name in ("stripes", "checker"):
+    if two_colours if two_colours is not None else name in ("stripes", "checker"):
         for _ in range(8):
             second = _palette_colour(rng)
             if np.linalg.norm(second - best) >= 90:
