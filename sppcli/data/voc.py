@@ -48,6 +48,10 @@ class VocError(ValueError):
     """A devkit file is missing or unusable; the message names the file."""
 
 
+class MissingAnnotationsError(VocError):
+    """Ids of a split have no ``Annotations/<id>.xml`` and ``missing_annotations`` is "error"."""
+
+
 class VocWarning(UserWarning):
     """A devkit file was read with a repair (clipped or dropped box, ignored class names).
 
@@ -241,6 +245,20 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise VocError(f"{path}: cannot read image ({exc})") from None
 
 
+def check_declared_size(declared: tuple, image: Path, where: str) -> None:
+    """Raise VocError unless ``image``'s pixels are ``declared`` (width, height) as ``where`` says.
+
+    The boxes were drawn on an image of the declared size; on an image of another size (resized
+    or swapped after annotation) they mark the wrong pixels, so guessing is worse than asking.
+    """
+    width, height = (int(v) for v in declared)
+    actual = _image_size(image)
+    if tuple(actual) != (width, height):
+        raise VocError(f"{where} is {width}x{height} but {image} is {actual[0]}x{actual[1]} pixels; "
+                       "correct the declared size (and the boxes, if the image was resized after "
+                       "annotation)")
+
+
 def _to_rgb(im: Image.Image) -> np.ndarray:
     """Any PIL mode -> uint8 ``[H, W, 3]`` RGB."""
     if im.mode == "RGB":
@@ -318,7 +336,7 @@ class VocDataset:
             return listed
         if self.missing_annotations == "error":
             shown = ", ".join(missing[:10]) + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
-            raise VocError(
+            raise MissingAnnotationsError(
                 f"{self.image_set_path}: {len(missing)} of {len(listed)} images have no annotation "
                 f"file in {self.devkit / 'Annotations'}: {shown}; add the XML files, or set "
                 "dataset.missing_annotations = \"empty\" (no objects) or \"skip\" (drop them)")
@@ -493,24 +511,15 @@ class VocDataset:
                         self.split, len(self.classes), self.devkit, listing)
 
     def check_image_sizes(self) -> None:
-        """Refuse the split if an image's pixels disagree with its XML ``<size>``.
-
-        The boxes were drawn on an image of the XML's size; on an image of another size (resized
-        or swapped after annotation) they mark the wrong pixels, so guessing is worse than asking.
-        Only image headers are read.
-        """
+        """Refuse the split if an image's pixels disagree with its XML ``<size>`` (only image
+        headers are read)."""
         for image_id in self.ids:
             self.annotation(image_id)
             declared = self._xml_sizes.get(image_id)
             if declared is None:
                 continue
-            image = self.image_path(image_id)
-            actual = _image_size(image)
-            if tuple(actual) != tuple(declared):
-                raise VocError(
-                    f"{self.annotation_path(image_id)}: <size> is {declared[0]}x{declared[1]} but "
-                    f"{image} is {actual[0]}x{actual[1]} pixels; correct <size> (and the boxes, if "
-                    "the image was resized after annotation)")
+            check_declared_size(declared, self.image_path(image_id),
+                                f"{self.annotation_path(image_id)}: <size>")
 
     def check_inputs(self) -> None:
         """Before a stage reads images with their annotations: sizes agree, repairs reported."""

@@ -80,6 +80,7 @@ class Inputs:
 
 def inputs_for(planner, plan, upstream: Mapping[str, Manifest], options) -> Inputs:
     source = resolve_net_source(planner.config.features.weights, upstream.get("pretrain"))
+    planner.dataset(plan.split).check_inputs()
     # The planner asks for flipped maps of the training split when fine-tuning uses flips.
     return Inputs(dataset=planner.dataset(plan.split), source=source, device=resolve_device(options.device),
                   workers=max(0, int(options.workers)), scheduler=options.scheduler,
