@@ -65,6 +65,33 @@ def map_images(fn: Callable[[Any], T], items: Sequence[Any], workers: int = 1,
     return run(workers)
 
 
+_WORKER_ERROR = "in DataLoader worker process"
+
+
+def worker_errors_unwrapped(loader: Iterable[T]) -> Iterator[T]:
+    """Iterate a torch DataLoader; an error raised in one of its worker processes comes out as
+    the original exception type and one-line message (e.g. a corrupt image naming its file)
+    instead of the DataLoader's "Caught ... in DataLoader worker process" plus traceback."""
+    try:
+        yield from loader
+    except Exception as error:
+        message = str(error)
+        if _WORKER_ERROR not in message:
+            raise
+        kind = type(error)
+        # The traceback's last entry is "<module>.<Name>: <message>" (or "<Name>: ...").
+        original = message
+        for prefix in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+            if prefix in message:
+                original = message.rpartition(prefix)[2].strip()
+                break
+        try:
+            unwrapped = kind(original)
+        except Exception:  # an exception type that needs other arguments
+            unwrapped = RuntimeError(original)
+        raise unwrapped from None
+
+
 @contextlib.contextmanager
 def single_torch_thread():
     """Run torch single-threaded inside the block (restoring the count after); also a decorator.

@@ -178,3 +178,23 @@ def test_repairs_are_one_log_record_per_kind_and_split(tmp_path, caplog):
         f"all: ignoring objects whose class is not one of 1 classes ({root}): 'dog': 5",
     ]
     assert all(r.levelno == logging.WARNING for r in records)
+
+
+def test_corrupt_image_in_a_dataloader_worker_is_one_line(tmp_path, tiny_devkit, tiny_weights, monkeypatch):
+    from click.testing import CliRunner
+
+    from sppcli.cli import main
+    from tests.conftest import tiny_sets
+
+    monkeypatch.setenv("SPPCLI_NO_PROGRESS", "1")
+    devkit = _two_image_copy(tiny_devkit, tmp_path)
+    ds = VocDataset(devkit, "trainval")
+    broken = ds.image_path(ds.ids[1])
+    broken.write_bytes(broken.read_bytes()[:1000])  # the header (size) survives, the pixels do not
+    sets = [a for s in tiny_sets(devkit, tiny_weights) for a in ("--set", s)]
+    r = CliRunner().invoke(main, ["extract-features", "--split", "trainval", "--workers", "1",
+                                  "--cache-dir", str(tmp_path / "cache"), *sets])
+    assert r.exit_code == 1
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"Error: {broken}: cannot decode image (")
+    assert "DataLoader worker" not in r.output and "Traceback" not in r.output
