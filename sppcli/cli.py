@@ -182,6 +182,7 @@ def init_cmd(devkit, out, split, base, **kw):
             raise MissingAnnotationsError(f"{error}; e.g. sppcli init {devkit} --out {out} "
                            "--set dataset.missing_annotations='\"skip\"'") from None
         found = survey(surveyed)
+        surveyed.report_data_issues(unknown_names=False)  # its "-" class is a placeholder
         if config.dataset.classes:
             classes, why = list(config.dataset.classes), "as given"
         elif (devkit / "classes.txt").is_file():

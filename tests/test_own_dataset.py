@@ -66,6 +66,7 @@ def test_a_quirky_voc_devkit_runs_from_init_to_evaluate(tmp_path, tiny_devkit, t
     r = CliRunner().invoke(main, ["init", str(devkit), "--out", str(config),
                                   "--base", str(_base_toml(tmp_path, tiny_devkit, tiny_weights))])
     assert r.exit_code == 0, r.output
+    assert "trainval: 8 boxes touch the image border at 0 (0-based coordinates?); clipped: " in r.output
     text = config.read_text()
     assert "car" in text and "disc" not in text and str(devkit.resolve()) in text
     ap = _run_all(config, tmp_path / "cache")

@@ -496,13 +496,16 @@ class VocDataset:
                           if o.name not in self._class_index)
         return dict(sorted(counts.items()))
 
-    def report_data_issues(self) -> None:
+    def report_data_issues(self, unknown_names: bool = True) -> None:
         """Read the whole split once and log one ``sppcli.data`` warning per kind of repair
-        (clipped, dropped boxes; class names outside ``classes``), naming the first files."""
+        (clipped, dropped boxes; class names outside ``classes`` unless not ``unknown_names``),
+        naming the first files."""
         if self._issues_reported:
             return
         self._issues_reported = True
-        unknown = self.unknown_name_counts()
+        unknown = self.unknown_name_counts() if unknown_names else {}
+        for image_id in self.ids:
+            self.annotation(image_id)
         for kind, description in ISSUE_KINDS.items():
             per_file = self._issues.get(kind)
             if per_file:
