@@ -198,3 +198,19 @@ def test_corrupt_image_in_a_dataloader_worker_is_one_line(tmp_path, tiny_devkit,
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert lines[-1].startswith(f"Error: {broken}: cannot decode image (")
     assert "DataLoader worker" not in r.output and "Traceback" not in r.output
+
+
+def test_coco_image_size_disagreeing_with_json_is_refused(tmp_path, tiny_devkit):
+    import json
+
+    from sppcli.data.coco import CocoDataset, voc_to_coco
+
+    devkit = _two_image_copy(tiny_devkit, tmp_path)
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps(voc_to_coco(VocDataset(devkit, "trainval"))))
+    CocoDataset(instances, devkit / "JPEGImages", "trainval").check_inputs()  # agrees
+    ds = CocoDataset(instances, devkit / "JPEGImages", "trainval")
+    image = ds.image_path(ds.ids[1])
+    Image.open(image).resize((80, 60)).save(image)
+    with pytest.raises(VocError, match=rf"instances\.json: image id {ds.ids[1]} is 160x120 but .*{image.name} is 80x60 pixels"):
+        ds.check_inputs()
