@@ -186,7 +186,7 @@ def init_cmd(devkit, out, split, base, **kw):
     from sppcli.config import config_to_toml, load_config
     from sppcli.data.coco import is_coco_file
     from sppcli.data.survey import suggest, survey
-    from sppcli.data.voc import VocDataset, resolve_classes
+    from sppcli.data.voc import MissingAnnotationsError, VocDataset, resolve_classes
     from sppcli.pipeline import open_dataset
 
     setup_logging(kw["verbose"], kw["quiet"])
@@ -207,7 +207,14 @@ def init_cmd(devkit, out, split, base, **kw):
     else:
         # The annotations' own names (every object, whatever the classes) decide the classes unless
         # the config or a classes.txt names them.
-        found = survey(VocDataset(devkit, split, list(config.dataset.classes) or ["-"]))
+        try:
+            surveyed = VocDataset(devkit, split, list(config.dataset.classes) or ["-"],
+                                  missing_annotations=config.dataset.missing_annotations)
+        except MissingAnnotationsError as error:
+            raise MissingAnnotationsError(f"{error}; e.g. sppcli init {devkit} --out {out} "
+                           "--set dataset.missing_annotations='\"skip\"'") from None
+        found = survey(surveyed)
+        surveyed.report_data_issues(unknown_names=False)  # its "-" class is a placeholder
         if config.dataset.classes:
             classes, why = list(config.dataset.classes), "as given"
         elif (devkit / "classes.txt").is_file():

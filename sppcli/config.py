@@ -49,6 +49,9 @@ class DatasetParams:
     images: str = ""
     test_devkit: str = ""
     test_images: str = ""
+    # VOC only: an id of the split without Annotations/<id>.xml is an "error", has no objects
+    # ("empty", size read from the image), or is dropped from the split ("skip").
+    missing_annotations: str = "error"
 
 
 @dataclasses.dataclass(frozen=True)

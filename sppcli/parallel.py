@@ -65,6 +65,33 @@ def map_images(fn: Callable[[Any], T], items: Sequence[Any], workers: int = 1,
     return run(workers)
 
 
+_WORKER_ERROR = "in DataLoader worker process"
+
+
+def worker_errors_unwrapped(loader: Iterable[T]) -> Iterator[T]:
+    """Iterate a torch DataLoader; an error raised in one of its worker processes comes out as
+    the original exception type and one-line message (e.g. a corrupt image naming its file)
+    instead of the DataLoader's "Caught ... in DataLoader worker process" plus traceback."""
+    try:
+        yield from loader
+    except Exception as error:
+        message = str(error)
+        if _WORKER_ERROR not in message:
+            raise
+        kind = type(error)
+        # The traceback's last entry is "<module>.<Name>: <message>" (or "<Name>: ...").
+        original = message
+        for prefix in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+            if prefix in message:
+                original = message.rpartition(prefix)[2].strip()
+                break
+        try:
+            unwrapped = kind(original)
+        except Exception:  # an exception type that needs other arguments
+            unwrapped = RuntimeError(original)
+        raise unwrapped from None
+
+
 @contextlib.contextmanager
 def single_torch_thread():
     """Run torch single-threaded inside the block (restoring the count after); also a decorator.
@@ -85,12 +112,32 @@ def single_torch_thread():
         torch.set_num_threads(previous)
 
 
+VALID_DEVICES = "auto, cpu, cuda, cuda:N, mps"
+
+
 def resolve_device(device: str) -> str:
-    """``--device``: ``auto`` becomes ``cuda`` when CUDA is available, else ``cpu``."""
+    """``--device``: ``auto`` becomes ``cuda`` when CUDA is available, else ``cpu``.
+
+    Raises:
+        ValueError: an unknown device name (the message lists the valid ones), or a device this
+            machine does not have.
+    """
+    import re
+
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+    if device not in ("cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", device or ""):
+        raise ValueError(f"--device {device}: unknown device; valid values: {VALID_DEVICES}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine "
+                             f"(torch {torch.__version__}); use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s), numbered from 0")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: MPS (Apple GPU) is not available on this machine; use --device cpu")
     return device

@@ -69,7 +69,7 @@ def open_dataset(config: Config, split: str):
     d = config.dataset
     classes = d.classes or None
     if not is_coco_file(d.devkit):
-        return VocDataset(Path(d.devkit), split, classes)
+        return VocDataset(Path(d.devkit), split, classes, missing_annotations=d.missing_annotations)
     if split == d.test_split and (split != d.train_split or d.test_devkit):
         if split == d.train_split and d.test_devkit != d.devkit:
             raise CocoError(f"dataset.train_split and dataset.test_split are both {split!r} but "

@@ -66,6 +66,7 @@ def test_a_quirky_voc_devkit_runs_from_init_to_evaluate(tmp_path, tiny_devkit, t
     r = CliRunner().invoke(main, ["init", str(devkit), "--out", str(config),
                                   "--base", str(_base_toml(tmp_path, tiny_devkit, tiny_weights))])
     assert r.exit_code == 0, r.output
+    assert "trainval: 8 boxes touch the image border at 0 (0-based coordinates?); clipped: " in r.output
     text = config.read_text()
     assert "car" in text and "disc" not in text and str(devkit.resolve()) in text
     ap = _run_all(config, tmp_path / "cache")
@@ -102,3 +103,28 @@ def test_init_says_what_it_needs(tmp_path, tiny_devkit):
 @pytest.fixture(autouse=True)
 def _no_progress(monkeypatch):
     monkeypatch.setenv("SPPCLI_NO_PROGRESS", "1")
+
+
+def test_ids_without_annotations_are_named_then_skipped(tmp_path, tiny_devkit, tiny_weights):
+    devkit = tmp_path / "mine" / "VOC2007"
+    shutil.copytree(tiny_devkit, devkit)
+    lost = VocDataset(devkit, "trainval").ids[:2]
+    for image_id in lost:
+        (devkit / "Annotations" / f"{image_id}.xml").unlink()
+    config, base = tmp_path / "mine.toml", _base_toml(tmp_path, tiny_devkit, tiny_weights)
+    runner = CliRunner()
+    r = runner.invoke(main, ["init", str(devkit), "--out", str(config), "--base", str(base)])
+    assert r.exit_code == 1 and not config.exists()
+    assert f"trainval.txt: 2 of 8 images have no annotation file in {devkit / 'Annotations'}: {', '.join(lost)}" in r.output
+    assert "--set dataset.missing_annotations='\"skip\"'" in r.output
+
+    r = runner.invoke(main, ["init", str(devkit), "--out", str(config), "--base", str(base),
+                             "--set", 'dataset.missing_annotations="skip"'])
+    assert r.exit_code == 0, r.output
+    assert "6 trainval images surveyed" in r.output and 'missing_annotations = "skip"' in config.read_text()
+    r = runner.invoke(main, ["proposals", "--split", "trainval", "--config", str(config),
+                             "--cache-dir", str(tmp_path / "cache")])
+    assert r.exit_code == 0, r.output
+    assert "skipping 2 of 8 images that have no annotation file" in r.output
+    items = sorted(p.stem for p in (tmp_path / "cache" / "proposals").rglob("items/*.h5"))
+    assert items == sorted(set(VocDataset(tiny_devkit, "trainval").ids) - set(lost))

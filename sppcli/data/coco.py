@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sppcli.data.voc import (GroundTruth, VocAnnotation, VocError, VocObject, _image_size,
-                             check_image_id, load_rgb)
+                             check_declared_size, check_image_id, load_rgb)
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ class CocoDataset:
             self._images[image_id] = image
         self.ids: tuple[str, ...] = tuple(self._images)
 
+        self._inputs_checked = False
         self._objects: dict[str, tuple[VocObject, ...]] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
         clipped, dropped = [], []
@@ -214,6 +215,19 @@ class CocoDataset:
     def external_files(self) -> list[Path]:
         """The JSON and every image: what this dataset's ground truth and pixels come from."""
         return [self.json_path.absolute()] + [self.image_path(i) for i in self.ids]
+
+    def check_inputs(self) -> None:
+        """Before a stage reads images with their annotations: refuse an image whose pixels
+        disagree with the JSON's ``width``/``height`` (its boxes were drawn on another image)."""
+        if self._inputs_checked:
+            return
+        for image_id in self.ids:
+            declared = self._images[image_id].get("width"), self._images[image_id].get("height")
+            if None in declared:
+                continue
+            image = self.image_path(image_id)
+            check_declared_size(declared, image, f"{self.json_path}: image id {image_id}")
+        self._inputs_checked = True
 
     def results_ids(self, image_id: str, label: int) -> tuple[Any, Any]:
         """(image id, category id) as this file writes them, for a COCO results file."""

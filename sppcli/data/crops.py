@@ -93,6 +93,7 @@ def voc_crop_samples(dataset: VocDataset, context: float) -> list[Sample]:
 
     Labels index ``dataset.classes``; objects of other class names are ignored.
     """
+    dataset.check_inputs()
     samples = []
     for image_id in dataset.ids:
         gt = dataset.ground_truth(image_id)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import collections
 import io
+import logging
 import os
 import re
-import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -35,6 +35,12 @@ VOC_CLASSES: tuple[str, ...] = (
 )
 
 CLASSES_FILE = "classes.txt"
+#: What ``dataset.missing_annotations`` may say about an id without ``Annotations/<id>.xml``.
+MISSING_ANNOTATIONS = ("error", "empty", "skip")
+#: Files named in one data-warning line before "...".
+LISTED_FILES = 3
+
+log = logging.getLogger("sppcli.data")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # preference order when several files share an id
 
 
@@ -42,8 +48,30 @@ class VocError(ValueError):
     """A devkit file is missing or unusable; the message names the file."""
 
 
+class MissingAnnotationsError(VocError):
+    """Ids of a split have no ``Annotations/<id>.xml`` and ``missing_annotations`` is "error"."""
+
+
 class VocWarning(UserWarning):
-    """A devkit file was read with a repair (clipped or dropped box, ignored class names)."""
+    """A devkit file was read with a repair (clipped or dropped box, ignored class names).
+
+    Kept for callers that filter on it; repairs are now reported through the ``sppcli.data``
+    logger, one summary line per kind and split (see :meth:`VocDataset.report_data_issues`).
+    """
+
+
+#: Kinds of repair made while reading annotations, and how a summary line describes them.
+ISSUE_KINDS = {
+    "zero": "boxes touch the image border at 0 (0-based coordinates?); clipped",
+    "clipped": "boxes lie partly outside the image; clipped",
+    "dropped": "boxes have no area inside the image; dropped",
+}
+
+
+def issue_summary(split: str, count: int, description: str, files: Sequence[str]) -> str:
+    """``<split>: <count> <description>: a.xml, b.xml, c.xml, ...`` (the one line per kind)."""
+    listed = ", ".join(files[:LISTED_FILES]) + (", ..." if len(files) > LISTED_FILES else "")
+    return f"{split}: {count} {description}: {listed}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +195,9 @@ def _read_id_list(path: Path) -> tuple[str, ...]:
     if not path.is_file():
         raise VocError(f"{path}: image set list not found")
     ids = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # utf-8-sig: Windows editors start a saved file with a byte-order mark, which would
+    # otherwise become part of the first id.
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
@@ -215,6 +245,23 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise VocError(f"{path}: cannot read image ({exc})") from None
 
 
+def check_declared_size(declared: tuple, image: Path, where: str) -> None:
+    """Raise VocError unless ``image``'s pixels are ``declared`` (width, height) as ``where`` says.
+
+    The boxes were drawn on an image of the declared size; on an image of another size (resized
+    or swapped after annotation) they mark the wrong pixels, so guessing is worse than asking.
+    """
+    width, height = (int(v) for v in declared)
+    try:
+        actual = _image_size(image)
+    except VocError:
+        return  # unreadable: the stage's own decoding names it, after finishing the images before it
+    if tuple(actual) != (width, height):
+        raise VocError(f"{where} is {width}x{height} but {image} is {actual[0]}x{actual[1]} pixels; "
+                       "correct the declared size (and the boxes, if the image was resized after "
+                       "annotation)")
+
+
 def _to_rgb(im: Image.Image) -> np.ndarray:
     """Any PIL mode -> uint8 ``[H, W, 3]`` RGB."""
     if im.mode == "RGB":
@@ -253,19 +300,57 @@ class VocDataset:
         devkit: folder holding ``Annotations/``, ``ImageSets/Main/`` and ``JPEGImages/``.
         split: image set name; ids come from ``ImageSets/Main/<split>.txt`` in file order.
         classes: class names in label order; see :func:`resolve_classes`.
+        missing_annotations: what an id without ``Annotations/<id>.xml`` means, one of
+            :data:`MISSING_ANNOTATIONS`: ``"error"`` refuses the split, naming the ids;
+            ``"empty"`` gives it no objects (size from the image); ``"skip"`` drops it.
+    Raises:
+        VocError: the split lists no images, or (``"error"``) some have no annotation file.
     """
 
-    def __init__(self, devkit: Path, split: str, classes: Sequence[str] | None = None):
+    def __init__(self, devkit: Path, split: str, classes: Sequence[str] | None = None,
+                 missing_annotations: str = "error"):
         self.devkit = Path(devkit)
         self.split = check_image_id(split, "split name")
         self.classes = resolve_classes(self.devkit, classes)
         self._class_index = {name: i for i, name in enumerate(self.classes)}
         self._classes_from_file = classes is None and (self.devkit / CLASSES_FILE).is_file()
         self.image_set_path = self.devkit / "ImageSets" / "Main" / f"{split}.txt"
-        self.ids: tuple[str, ...] = _read_id_list(self.image_set_path)
+        if missing_annotations not in MISSING_ANNOTATIONS:
+            raise VocError(f"dataset.missing_annotations = {missing_annotations!r}: expected one of "
+                           f"{', '.join(MISSING_ANNOTATIONS)}")
+        self.missing_annotations = missing_annotations
+        listed = _read_id_list(self.image_set_path)
+        if not listed:
+            raise VocError(f"{self.image_set_path} lists no images; write one image id a line "
+                           "(the JPEGImages file name without extension) or choose another split")
+        self.unannotated: frozenset[str] = frozenset(
+            i for i in listed if not self.annotation_path(i).is_file())
+        self.ids: tuple[str, ...] = self._apply_missing_policy(listed)
         self._annotations: dict[str, VocAnnotation] = {}
+        self._xml_sizes: dict[str, tuple[int, int]] = {}
+        self._issues: dict[str, dict[str, int]] = {}
         self._images_by_stem: dict[str, list[Path]] | None = None
-        self._unknown_names_reported = False
+        self._issues_reported = False
+        self._inputs_checked = False
+
+    def _apply_missing_policy(self, listed: tuple[str, ...]) -> tuple[str, ...]:
+        missing = [i for i in listed if i in self.unannotated]
+        if not missing or self.missing_annotations == "empty":
+            return listed
+        if self.missing_annotations == "error":
+            shown = ", ".join(missing[:10]) + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
+            raise MissingAnnotationsError(
+                f"{self.image_set_path}: {len(missing)} of {len(listed)} images have no annotation "
+                f"file in {self.devkit / 'Annotations'}: {shown}; add the XML files, or set "
+                "dataset.missing_annotations = \"empty\" (no objects) or \"skip\" (drop them)")
+        kept = tuple(i for i in listed if i not in self.unannotated)
+        if not kept:
+            raise VocError(f"{self.image_set_path} lists no images with an annotation file "
+                           f"(all {len(listed)} skipped by dataset.missing_annotations = \"skip\"); "
+                           f"add XML files to {self.devkit / 'Annotations'}")
+        log.warning("%s: skipping %d of %d images that have no annotation file "
+                    "(dataset.missing_annotations = \"skip\")", self.split, len(missing), len(listed))
+        return kept
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -317,12 +402,16 @@ class VocDataset:
         """Files whose content defines this dataset's ground truth, for cache keys.
 
         The image set list, ``classes.txt`` when the class names came from it, and the annotation
-        file of every id (images are not listed: they are large and fixed by the ids).
+        file and image of every id. Images are listed because proposals and features are computed
+        from their pixels: an image edited in place, or another devkit with the same XML but other
+        images, must not reuse old results (their digests are memoised by size and mtime, so only
+        a changed image is read again).
         """
         files = [self.image_set_path]
         if self._classes_from_file:
             files.append(self.devkit / CLASSES_FILE)
-        files.extend(self.annotation_path(i) for i in self.ids)
+        files.extend(self.annotation_path(i) for i in self.ids if i not in self.unannotated)
+        files.extend(self.image_path(i) for i in self.ids)
         return files
 
     # -- content ----------------------------------------------------------------------------------
@@ -339,8 +428,15 @@ class VocDataset:
             self._annotations[image_id] = cached
         return cached
 
+    def _note(self, kind: str, path: Path) -> None:
+        per_file = self._issues.setdefault(kind, {})
+        per_file[path.name] = per_file.get(path.name, 0) + 1
+
     def _parse(self, image_id: str) -> VocAnnotation:
         path = self.annotation_path(image_id)
+        if image_id in self.unannotated and self.missing_annotations == "empty":
+            width, height = _image_size(self.image_path(image_id))
+            return VocAnnotation(image_id=image_id, width=int(width), height=int(height), objects=())
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -354,6 +450,8 @@ class VocDataset:
         width, height = _positive_int(_text(size, "width")), _positive_int(_text(size, "height"))
         if width is None or height is None:
             width, height = _image_size(self.image_path(image_id))
+        else:
+            self._xml_sizes[image_id] = (width, height)
 
         objects = []
         for number, element in enumerate(root.findall("object"), 1):
@@ -369,16 +467,18 @@ class VocDataset:
                 except (TypeError, ValueError):
                     raise VocError(f"{path}: object {number} ({name}) has a missing or "
                                    f"non-numeric <bndbox>/<{tag}>: {text!r}") from None
+            xmin, ymin, xmax, ymax = coords
+            for low, a, high, b in (("xmin", xmin, "xmax", xmax), ("ymin", ymin, "ymax", ymax)):
+                if a > b:
+                    raise VocError(f"{path}: object {number} ({name}) box is inverted: {low} {a:g} > "
+                                   f"{high} {b:g}; swap the two values or remove the object")
             box = voc_box_to_internal(np.array(coords))
             clipped = np.clip(box, 0.0, [width, height, width, height])
-            if not np.array_equal(clipped, box):
-                warnings.warn(f"{path}: object {number} ({name}) box {coords} lies partly "
-                              f"outside the {width}x{height} image; clipped", VocWarning,
-                              stacklevel=3)
             if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-                warnings.warn(f"{path}: object {number} ({name}) box {coords} has no area inside "
-                              f"the {width}x{height} image; dropped", VocWarning, stacklevel=3)
+                self._note("dropped", path)
                 continue
+            if not np.array_equal(clipped, box):
+                self._note("zero" if min(coords[0], coords[1]) == 0 else "clipped", path)
             objects.append(VocObject(
                 name=name,
                 box=tuple(float(v) for v in clipped),
@@ -396,19 +496,50 @@ class VocDataset:
                           if o.name not in self._class_index)
         return dict(sorted(counts.items()))
 
+    def report_data_issues(self, unknown_names: bool = True) -> None:
+        """Read the whole split once and log one ``sppcli.data`` warning per kind of repair
+        (clipped, dropped boxes; class names outside ``classes`` unless not ``unknown_names``),
+        naming the first files."""
+        if self._issues_reported:
+            return
+        self._issues_reported = True
+        unknown = self.unknown_name_counts() if unknown_names else {}
+        for image_id in self.ids:
+            self.annotation(image_id)
+        for kind, description in ISSUE_KINDS.items():
+            per_file = self._issues.get(kind)
+            if per_file:
+                log.warning("%s", issue_summary(self.split, sum(per_file.values()),
+                                                description, list(per_file)))
+        if unknown:
+            listing = ", ".join(f"{n!r}: {c}" for n, c in unknown.items())
+            log.warning("%s: ignoring objects whose class is not one of %d classes (%s): %s",
+                        self.split, len(self.classes), self.devkit, listing)
+
+    def check_image_sizes(self) -> None:
+        """Refuse the split if an image's pixels disagree with its XML ``<size>`` (only image
+        headers are read)."""
+        for image_id in self.ids:
+            self.annotation(image_id)
+            declared = self._xml_sizes.get(image_id)
+            if declared is None:
+                continue
+            check_declared_size(declared, self.image_path(image_id),
+                                f"{self.annotation_path(image_id)}: <size>")
+
+    def check_inputs(self) -> None:
+        """Before a stage reads images with their annotations: sizes agree, repairs reported."""
+        if not self._inputs_checked:
+            self.check_image_sizes()
+            self.report_data_issues()
+            self._inputs_checked = True
+
     def ground_truth(self, image_id: str) -> GroundTruth:
         """Objects of ``image_id`` whose name is one of ``classes`` as numpy arrays.
 
-        The first call scans the split once and warns (once) about class names it ignores.
+        The first call scans the split once and reports (once) what was repaired or ignored.
         """
-        if not self._unknown_names_reported:
-            self._unknown_names_reported = True
-            unknown = self.unknown_name_counts()
-            if unknown:
-                listing = ", ".join(f"{n!r}: {c}" for n, c in unknown.items())
-                warnings.warn(f"{self.devkit} ({self.split}): ignoring objects whose class is not "
-                              f"one of {len(self.classes)} classes: {listing}", VocWarning,
-                              stacklevel=2)
+        self.report_data_issues()
         ann = self.annotation(image_id)
         kept = [o for o in ann.objects if o.name in self._class_index]
         return GroundTruth(

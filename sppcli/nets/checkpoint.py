@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import pickle
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -59,6 +61,7 @@ ARCH_DEFAULTS: dict[str, Any] = {
 """Every arch key with its default. ``num_classes`` may be ``None`` (no fc8)."""
 
 _MAX_LISTED = 10
+log = logging.getLogger(__name__)
 
 
 class WeightsMismatchError(ValueError):
@@ -222,14 +225,37 @@ def save_checkpoint(
 
 
 def _torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    # Memory-mapping spares a second in-memory copy of a 500 MB VGG-16 file while its tensors
-    # are copied into the net; legacy (pre-zip) torch files cannot be mapped.
+    """The tensors of a weights file: a ``torch.save``'d dict (read with ``weights_only``) or a
+    safetensors file. Anything else is one ValueError naming the file and what it holds."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):
+        try:
+            # Memory-mapping spares a second in-memory copy of a 500 MB VGG-16 file while its
+            # tensors are copied into the net; legacy (pre-zip) torch files cannot be mapped.
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # weights_only refuses to build classes: a torch.save(model) file names its module's.
+        if "Unsupported global" in str(error) or "GLOBAL" in str(error):
+            raise ValueError(f"{path} holds a pickled model, not a state dict; save "
+                             "model.state_dict() instead") from None
+        return _safetensors_load(path, map_location)
+    except (RuntimeError, EOFError, UnicodeDecodeError, ValueError, OSError) as error:
+        if isinstance(error, (FileNotFoundError, IsADirectoryError)):
             raise
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return _safetensors_load(path, map_location)
+
+
+def _safetensors_load(path: str | os.PathLike, map_location: str | torch.device) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        raise ValueError(f"{path} is not a PyTorch or safetensors weights file") from None
 
 
 def _is_sppcli_checkpoint(payload: Any) -> bool:

@@ -17,18 +17,20 @@ net of this features artifact" has one meaning:
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sppcli.nets.checkpoint import load_weights
+from sppcli.nets.checkpoint import _torch_load, load_weights
 from sppcli.nets.sppnet import SppNet
 
 # Seed for fc layers a weights file does not provide (e.g. fc6 of an SPP pyramid on torchvision
 # weights): without it two loads of one file would disagree on fc6.
 FRESH_LAYER_SEED = 0
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +105,18 @@ def load_net(path: Path | str, arch_override: Mapping[str, Any] | None = None,
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(FRESH_LAYER_SEED)
         loaded = load_weights(path, arch_override=arch_override, map_location=map_location)
+    _warn_skipped_layers(path, loaded.report.skipped)
     return loaded.net.eval(), loaded.arch
+
+
+def _warn_skipped_layers(path: Path | str, skipped: list[tuple[str, str]]) -> None:
+    """One warning naming the file's fc layers that were not loaded (they start fresh)."""
+    layers: dict[str, str] = {}
+    for key, why in skipped:
+        layers.setdefault(key.rpartition(".")[0], why)
+    if layers:
+        listing = "; ".join(f"{layer} ({why})" for layer, why in layers.items())
+        log.warning("%s: fc layers not loaded, they start from a fresh initialisation: %s", path, listing)
 
 
 def load_source(source: NetSource, net_params: Any,
@@ -115,15 +128,33 @@ def load_source(source: NetSource, net_params: Any,
         override = None
     else:
         override = arch_override_for(net_params, any(k.startswith("classifier.") for k in keys))
-    return load_net(source.path, override, map_location)
+    net, arch = load_net(source.path, override, map_location)
+    check_arch_matches(source.path, arch, net_params)
+    return net, arch
+
+
+#: ``[net]`` fields a weights file must agree with: they decide the conv maps and pooled windows.
+CHECKED_FIELDS = ("trunk", "width", "levels")
+
+
+def check_arch_matches(path: Path | str, arch: Mapping[str, Any], net_params: Any) -> None:
+    """Refuse weights whose net differs from ``[net]`` rather than silently using another net.
+
+    Raises:
+        ValueError: naming each differing field with the file's and the config's value.
+    """
+    wanted = {"trunk": net_params.trunk, "width": float(net_params.width),
+              "levels": [int(n) for n in net_params.levels]}
+    built = {"trunk": arch["trunk"], "width": float(arch["width"]), "levels": [int(n) for n in arch["levels"]]}
+    differing = [f"{field} {built[field]!r} in the file, {wanted[field]!r} in [net]"
+                 for field in CHECKED_FIELDS if built[field] != wanted[field]]
+    if differing:
+        raise ValueError(f"{path} holds a net that differs from the config's [net]: {'; '.join(differing)}; "
+                         "set [net] to match the file (e.g. --set net.width=...) or give other weights")
 
 
 def _top_level_keys(path: Path) -> list[str]:
-    # mmap keeps a look at the keys cheap for a 500 MB torchvision file.
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = _torch_load(path)  # memory-mapped: a look at the keys is cheap for a 500 MB file
     return [str(k) for k in payload] if isinstance(payload, Mapping) else []
 
 

@@ -58,7 +58,7 @@ from sppcli.data.voc_eval import average_precision
 from sppcli.nets.net_source import load_net_for_features, load_source, resolve_net_source
 from sppcli.nets.sppnet import SppNet, normalize
 from sppcli.ops.geometry import scaled_size
-from sppcli.parallel import progress, resolve_device
+from sppcli.parallel import progress, resolve_device, worker_errors_unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def split_features(net: SppNet, source: Any, size: int, layer: str, device: str,
     images = ResizedImages(source, size, view)
     loader = DataLoader(images, batch_size=None, shuffle=False, num_workers=0 if workers <= 1 else int(workers))
     rows = []
-    for image in progress(loader, total=len(images), desc=desc):
+    for image in progress(worker_errors_unwrapped(loader), total=len(images), desc=desc):
         rows.append(image_features(net, image.to(device), layer).cpu().numpy())
     feats = np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
     norms = np.linalg.norm(feats, axis=1, keepdims=True)

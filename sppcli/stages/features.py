@@ -47,7 +47,7 @@ from sppcli.config import STORAGE_DTYPES, Config, FeatureParams, NetParams
 from sppcli.nets.net_source import NetSource, load_source, net_record, resolve_net_source
 from sppcli.nets.sppnet import normalize
 from sppcli.ops.geometry import scaled_size
-from sppcli.parallel import progress, resolve_device
+from sppcli.parallel import progress, resolve_device, worker_errors_unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class Inputs:
 
 def inputs_for(planner, plan, upstream: Mapping[str, Manifest], options) -> Inputs:
     source = resolve_net_source(planner.config.features.weights, upstream.get("pretrain"))
+    planner.dataset(plan.split).check_inputs()
     # The planner asks for flipped maps of the training split when fine-tuning uses flips.
     return Inputs(dataset=planner.dataset(plan.split), source=source, device=resolve_device(options.device),
                   workers=max(0, int(options.workers)), scheduler=options.scheduler,
@@ -497,7 +498,7 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
         # writer thread; at most two items wait, so memory stays bounded.
         with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="features-writer") as writer:
             waiting: collections.deque = collections.deque()
-            for sample in progress(loader, total=len(pending), desc="features", unit="img"):
+            for sample in progress(worker_errors_unwrapped(loader), total=len(pending), desc="features", unit="img"):
                 maps, flipped, seconds = sample_maps(trunk, sample, scales, fp, device, arch["trunk"], inputs.flip)
                 waiting.append(writer.submit(write_item, out, sample, maps, scales, seconds, fp.storage, flipped))
                 while len(waiting) > 1 or (waiting and waiting[0].done()):

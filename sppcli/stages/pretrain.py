@@ -39,7 +39,7 @@ from sppcli.artifacts import Manifest, StageRun, atomic_path, atomic_write_json
 from sppcli.config import Config, NetParams, PretrainParams
 from sppcli.nets import build_net, normalize, save_checkpoint
 from sppcli.nets.sppnet import SppNet
-from sppcli.parallel import progress, resolve_device
+from sppcli.parallel import progress, resolve_device, worker_errors_unwrapped
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def predict(net: SppNet, samples: Sequence[crops.Sample], size: int, mode: str, 
     loader = DataLoader(EvalViews(samples, size, mode), batch_size=1 if mode == "full" else batch_size,
                         shuffle=False, num_workers=_loader_workers(workers))
     out = []
-    for views, _labels in loader:
+    for views, _labels in worker_errors_unwrapped(loader):
         views = views.to(device)
         if mode == "ten":
             b = views.shape[0]
@@ -272,7 +272,7 @@ def train_one_epoch(net: SppNet, optimizer: torch.optim.Optimizer, data: crops.T
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator,
                         num_workers=_loader_workers(workers), pin_memory=device.startswith("cuda"))
     total_loss, wrong, seen = 0.0, 0, 0
-    bar = progress(loader, total=len(loader), desc=f"pretrain epoch {epoch + 1} @{size}", unit="batch")
+    bar = progress(worker_errors_unwrapped(loader), total=len(loader), desc=f"pretrain epoch {epoch + 1} @{size}", unit="batch")
     for views, labels in bar:
         views = normalize(views.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)

@@ -54,7 +54,9 @@ class Inputs:
 
 
 def inputs_for(planner, plan, upstream: Mapping[str, Manifest], options) -> Inputs:
-    return Inputs(dataset=planner.dataset(plan.split), workers=options.workers, scheduler=options.scheduler)
+    dataset = planner.dataset(plan.split)
+    dataset.check_inputs()
+    return Inputs(dataset=dataset, workers=options.workers, scheduler=options.scheduler)
 
 
 def check_params(params: ProposalParams) -> None:

@@ -93,15 +93,16 @@ def test_every_class_appears_clearly_in_every_split(datasets):
         assert present == set(CLASS_NAMES), split
 
 
-def test_reads_back_cleanly_through_voc_reader(datasets):
+def test_reads_back_cleanly_through_voc_reader(datasets, caplog):
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no clipped boxes, no unknown names
+        warnings.simplefilter("error")
         for ds in datasets.values():
             assert ds.classes == CLASS_NAMES
             for image_id in ds.ids:
                 gt = ds.ground_truth(image_id)
                 assert len(gt) >= 1 and (gt.width, gt.height) == SIZE
                 assert ds.load_image(image_id).shape == (SIZE[1], SIZE[0], 3)
+    assert [r.getMessage() for r in caplog.records if r.name == "sppcli.data"] == []  # no clipped boxes, no unknown names
 
 
 def test_object_statistics(datasets):
