@@ -380,6 +380,82 @@ def _plan_merge(finer: Tensor, group: int, steps: list[tuple[Tensor, Tensor, Ten
     return merged
 
 
+# --- CPU kernel (numba) ------------------------------------------------------------------
+#
+# On the CPU the torch path above spends most of its time in per-chunk operator overhead and
+# in the channel transpose, not in the maxima. The kernel below answers each window in one
+# pass with the map channels-last, so every inner loop runs over contiguous channels, and
+# writes each output row once, in its final layout and dtype.
+#
+# Maxima are taken on order-preserving integer keys of the float bits rather than on the
+# floats: numba has no float16 arithmetic, integer max vectorises without NaN branches, and
+# one key transform serves every width. For IEEE bits ``s`` read as a signed integer,
+# ``s ^ ((s >> (bits - 1)) & MAX)`` orders like the floats (negatives have their magnitude
+# bits flipped) and is its own inverse. NaNs are given a clear sign bit first, so every NaN
+# key is above +inf's and a bin containing NaN yields NaN, as adaptive pooling does.
+
+# float64 maps take the torch path: rare here, and each key width is one more JIT compile.
+_KEY_DTYPES = {np.dtype(np.float16): np.int16, np.dtype(np.float32): np.int32}
+
+# Set to False (tests, benchmarks) to force the torch path on the CPU too.
+_USE_NUMBA = True
+_numba_kernel = None  # the compiled kernel once imported; False when numba is unavailable
+
+
+def _cpu_kernel():
+    """The numba kernel, imported and defined on first use (numba's import costs ~0.5 s, and
+    compiled code is cached on disk), or None when numba is not installed."""
+    global _numba_kernel
+    if _numba_kernel is None:
+        try:
+            from sppcli.ops._spp_pool_numba import pool_windows
+        except ImportError:
+            _numba_kernel = False
+        else:
+            _numba_kernel = pool_windows
+    return _numba_kernel or None
+
+
+def _float_keys(values: np.ndarray) -> np.ndarray:
+    """Order-preserving signed-integer keys of a float array (a new array, same shape)."""
+    key_dtype = _KEY_DTYPES[values.dtype]
+    bits = values.view(key_dtype).copy()
+    magnitude = np.iinfo(key_dtype).max
+    nans = np.isnan(values)
+    if nans.any():
+        bits[nans] &= magnitude
+    bits ^= (bits >> (bits.itemsize * 8 - 1)) & magnitude
+    return bits
+
+
+def _pool_on_cpu(kernel, fmap: Tensor, cells: Tensor, levels: Sequence[int], dedup: bool) -> Tensor:
+    """:func:`spp_pool` of a CPU map through the numba kernel (inputs validated, N > 0)."""
+    channels, height, width = fmap.shape
+    values = fmap.numpy()
+    keys = _float_keys(np.ascontiguousarray(values.transpose(1, 2, 0)))
+    cells_np = np.ascontiguousarray(cells.numpy(), dtype=np.int64)
+    total = cells_np.shape[0]
+    if dedup:
+        # One integer per window (exact: cells lie inside the map); each repeat copies the
+        # row of its window's first occurrence, which the kernel has written by then.
+        x1, y1, x2, y2 = cells_np.T
+        window_ids = ((y2 * width + x2) * height + y1) * width + x1
+        _, first, inverse = np.unique(window_ids, return_index=True, return_inverse=True)
+        sources = first[inverse.reshape(-1)].astype(np.int64)
+    else:
+        sources = np.arange(total, dtype=np.int64)
+
+    plan = _plan_levels(levels)
+    distinct = sorted(plan, reverse=True)  # fine to coarse: a merged level's source comes first
+    sizes = np.array(distinct, dtype=np.int64)
+    parents = np.array([-1 if plan[n] is None else distinct.index(plan[n]) for n in distinct], dtype=np.int64)
+    level_slots = np.array([distinct.index(int(n)) for n in levels], dtype=np.int64)
+
+    out = np.empty((total, pooled_dim(channels, levels)), dtype=values.dtype)
+    kernel(keys, cells_np, sources, sizes, parents, level_slots, out.view(keys.dtype))
+    return torch.from_numpy(out)
+
+
 def spp_pool(
     fmap: Tensor,
     cells: Tensor,
@@ -416,6 +492,10 @@ def spp_pool(
         return fmap.new_empty((0, pooled_dim(channels, levels)))
     fmap = fmap.detach()
     cells = cells.to(device=fmap.device, dtype=torch.long)
+    if fmap.device.type == "cpu" and fmap.dtype in (torch.float16, torch.float32) and _USE_NUMBA:
+        kernel = _cpu_kernel()
+        if kernel is not None:
+            return _pool_on_cpu(kernel, fmap, cells, levels, _dedup)
     with torch.no_grad():
         if not _dedup:
             return _pool_windows(fmap, cells, levels)

@@ -14,6 +14,16 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LEVEL_SETS = [(1, 2, 3, 6), (4, 3, 2, 1), (5,), (7, 1), (2, 4, 8)]
 
 
+@pytest.fixture(autouse=True, params=["numba", "torch"])
+def cpu_path(request, monkeypatch):
+    """Every test runs on both CPU implementations: the numba kernel and the torch path that
+    serves CUDA maps and machines without numba."""
+    if request.param == "numba" and spp_module._cpu_kernel() is None:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(spp_module, "_USE_NUMBA", request.param == "numba")
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def one_cpu_thread():
     """The reference loop makes thousands of tiny adaptive_max_pool2d calls, each of which opens
