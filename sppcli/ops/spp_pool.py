@@ -396,43 +396,35 @@ def _plan_merge(finer: Tensor, group: int, steps: list[tuple[Tensor, Tensor, Ten
 
 # float64 maps take the torch path: rare here, and each key width is one more JIT compile.
 _KEY_DTYPES = {np.dtype(np.float16): np.int16, np.dtype(np.float32): np.int32}
+_WIDE_KEY_DTYPES = {np.dtype(np.float16): np.int32, np.dtype(np.float32): np.int64}
 
 # Set to False (tests, benchmarks) to force the torch path on the CPU too.
 _USE_NUMBA = True
-_numba_kernel = None  # the compiled kernel once imported; False when numba is unavailable
+_numba_module = None  # sppcli.ops._spp_pool_numba once imported; False when numba is unavailable
 
 
 def _cpu_kernel():
-    """The numba kernel, imported and defined on first use (numba's import costs ~0.5 s, and
+    """The numba kernels' module, imported on first use (numba's import costs ~0.5 s, and
     compiled code is cached on disk), or None when numba is not installed."""
-    global _numba_kernel
-    if _numba_kernel is None:
+    global _numba_module
+    if _numba_module is None:
         try:
-            from sppcli.ops._spp_pool_numba import pool_windows
+            from sppcli.ops import _spp_pool_numba
         except ImportError:
-            _numba_kernel = False
+            _numba_module = False
         else:
-            _numba_kernel = pool_windows
-    return _numba_kernel or None
+            _numba_module = _spp_pool_numba
+    return _numba_module or None
 
 
-def _float_keys(values: np.ndarray) -> np.ndarray:
-    """Order-preserving signed-integer keys of a float array (a new array, same shape)."""
-    key_dtype = _KEY_DTYPES[values.dtype]
-    bits = values.view(key_dtype).copy()
-    magnitude = np.iinfo(key_dtype).max
-    nans = np.isnan(values)
-    if nans.any():
-        bits[nans] &= magnitude
-    bits ^= (bits >> (bits.itemsize * 8 - 1)) & magnitude
-    return bits
-
-
-def _pool_on_cpu(kernel, fmap: Tensor, cells: Tensor, levels: Sequence[int], dedup: bool) -> Tensor:
+def _pool_on_cpu(kernels, fmap: Tensor, cells: Tensor, levels: Sequence[int], dedup: bool) -> Tensor:
     """:func:`spp_pool` of a CPU map through the numba kernel (inputs validated, N > 0)."""
     channels, height, width = fmap.shape
-    values = fmap.numpy()
-    keys = _float_keys(np.ascontiguousarray(values.transpose(1, 2, 0)))
+    values = fmap.contiguous().numpy()
+    key_dtype = _KEY_DTYPES[values.dtype]
+    keys = np.empty((height, width, channels), dtype=key_dtype)
+    infinity = np.array(np.inf, dtype=values.dtype).view(key_dtype)
+    kernels.map_keys(values.view(key_dtype), infinity, np.iinfo(key_dtype).max, keys)
     cells_np = np.ascontiguousarray(cells.numpy(), dtype=np.int64)
     total = cells_np.shape[0]
     if dedup:
@@ -451,8 +443,12 @@ def _pool_on_cpu(kernel, fmap: Tensor, cells: Tensor, levels: Sequence[int], ded
     parents = np.array([-1 if plan[n] is None else distinct.index(plan[n]) for n in distinct], dtype=np.int64)
     level_slots = np.array([distinct.index(int(n)) for n in levels], dtype=np.int64)
 
-    out = np.empty((total, pooled_dim(channels, levels)), dtype=values.dtype)
-    kernel(keys, cells_np, sources, sizes, parents, level_slots, out.view(keys.dtype))
+    dim = pooled_dim(channels, levels)
+    out = np.empty((total, dim), dtype=values.dtype)
+    out_keys = out.view(keys.dtype)
+    wide_dtype = _WIDE_KEY_DTYPES[values.dtype]
+    out_wide = out.view(wide_dtype) if dim % 2 == 0 else np.empty((total, 0), dtype=wide_dtype)
+    kernels.pool_windows(keys, cells_np, sources, sizes, parents, level_slots, out_keys, out_wide)
     return torch.from_numpy(out)
 
 
@@ -493,9 +489,9 @@ def spp_pool(
     fmap = fmap.detach()
     cells = cells.to(device=fmap.device, dtype=torch.long)
     if fmap.device.type == "cpu" and fmap.dtype in (torch.float16, torch.float32) and _USE_NUMBA:
-        kernel = _cpu_kernel()
-        if kernel is not None:
-            return _pool_on_cpu(kernel, fmap, cells, levels, _dedup)
+        kernels = _cpu_kernel()
+        if kernels is not None:
+            return _pool_on_cpu(kernels, fmap, cells, levels, _dedup)
     with torch.no_grad():
         if not _dedup:
             return _pool_windows(fmap, cells, levels)
