@@ -14,15 +14,22 @@ import numpy as np
 def map_keys(bits, infinity, magnitude, keys):
     """``keys[y, x, c]``: the order-preserving key of float bits ``bits[c, y, x]`` (signed
     integers of the float's width; ``infinity`` is +inf's bits, ``magnitude`` all bits but the
-    sign). NaNs lose their sign first, so that every NaN key lies above +inf's."""
+    sign). NaNs lose their sign first, so that every NaN key lies above +inf's.
+
+    Returns whether every key equals its bits (no negative value and no NaN, as in a map
+    after ReLU): then pooled keys need no conversion back."""
     channels, height, width = bits.shape
+    unchanged = True
     for c in range(channels):
         for y in range(height):
             for x in range(width):
                 value = bits[c, y, x]
                 if value & magnitude > infinity:
                     value &= magnitude
-                keys[y, x, c] = value ^ ((value >> (bits.itemsize * 8 - 1)) & magnitude)
+                key = value ^ ((value >> (bits.itemsize * 8 - 1)) & magnitude)
+                unchanged &= key == bits[c, y, x]
+                keys[y, x, c] = key
+    return unchanged
 
 
 @numba.njit(cache=True, nogil=True)
@@ -71,14 +78,16 @@ def _write_channel_major_paired(bins, pairs, row_wide, bits):
 
 
 @numba.njit(cache=True, nogil=True)
-def pool_windows(keys, cells, sources, sizes, parents, level_slots, out, out_wide):
+def pool_windows(keys, keys_are_bits, cells, order, sources, sizes, parents, level_slots, out, out_wide):
     """Pooled keys of every window, written to ``out`` in its final layout.
 
     Args:
         keys: ``[H, W, C]`` order-preserving integer keys of the map (channels last).
+        keys_are_bits: whether every key equals its float's bits (see :func:`map_keys`).
         cells: ``[N, 4]`` inclusive windows ``(x1, y1, x2, y2)``, validated.
-        sources: ``[N]``; row ``k`` is computed when ``sources[k] == k``, else copied from
-            row ``sources[k] < k``.
+        order: the rows to compute, in the order to compute them (windows sorted by
+            position, so that consecutive windows read overlapping parts of the map).
+        sources: ``[N]``; row ``k`` not in ``order`` is copied from row ``sources[k]``, which is.
         sizes: the distinct levels, fine to coarse.
         parents: per distinct level, the index of the finer level it is merged from, or -1
             when it is scanned from the map.
@@ -98,13 +107,8 @@ def pool_windows(keys, cells, sources, sizes, parents, level_slots, out, out_wid
     pairs = np.empty(((starts[count] + 1) // 2, channels), dtype=out_wide.dtype)
     pairable = out_wide.shape[1] > 0
     flat = bins.reshape(-1)
-    for k in range(cells.shape[0]):
-        source = sources[k]
-        if source != k:
-            row_out, row_in = out[k], out[source]
-            for e in range(row_out.shape[0]):
-                row_out[e] = row_in[e]
-            continue
+    for step in range(order.shape[0]):
+        k = order[step]
         x1, y1 = cells[k, 0], cells[k, 1]
         width, height = cells[k, 2] - x1 + 1, cells[k, 3] - y1 + 1
         for t in range(count):
@@ -137,7 +141,7 @@ def pool_windows(keys, cells, sources, sizes, parents, level_slots, out, out_wid
                                     acc[c] = max(acc[c], row[c])
         # Keys back to float bits, in place (contiguous, vectorised), then the channel-major
         # copy of each level into the row.
-        for e in range(flat.shape[0]):
+        for e in range(0 if keys_are_bits else flat.shape[0]):
             v = flat[e]
             flat[e] = v ^ ((v >> (bits - 1)) & magnitude)
         column = 0
@@ -153,3 +157,9 @@ def pool_windows(keys, cells, sources, sizes, parents, level_slots, out, out_wid
             else:
                 _write_channel_major(level_bins, row_out[column:column + channels * n2])
             column += channels * n2
+    for k in range(sources.shape[0]):
+        source = sources[k]
+        if source != k:
+            row_out, row_in = out[k], out[source]
+            for e in range(row_out.shape[0]):
+                row_out[e] = row_in[e]

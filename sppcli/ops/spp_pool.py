@@ -424,18 +424,22 @@ def _pool_on_cpu(kernels, fmap: Tensor, cells: Tensor, levels: Sequence[int], de
     key_dtype = _KEY_DTYPES[values.dtype]
     keys = np.empty((height, width, channels), dtype=key_dtype)
     infinity = np.array(np.inf, dtype=values.dtype).view(key_dtype)
-    kernels.map_keys(values.view(key_dtype), infinity, np.iinfo(key_dtype).max, keys)
+    keys_are_bits = kernels.map_keys(values.view(key_dtype), infinity, np.iinfo(key_dtype).max, keys)
     cells_np = np.ascontiguousarray(cells.numpy(), dtype=np.int64)
     total = cells_np.shape[0]
+    # One integer per window (exact: cells lie inside the map), row-major by top-left cell:
+    # computed in that order, consecutive windows read overlapping parts of the map.
+    x1, y1, x2, y2 = cells_np.T
+    window_ids = ((y1 * width + x1) * height + y2) * width + x2
     if dedup:
-        # One integer per window (exact: cells lie inside the map); each repeat copies the
-        # row of its window's first occurrence, which the kernel has written by then.
-        x1, y1, x2, y2 = cells_np.T
-        window_ids = ((y2 * width + x2) * height + y1) * width + x1
+        # Each repeat copies the row of its window's first occurrence (``first`` is in the
+        # order of the sorted ids).
         _, first, inverse = np.unique(window_ids, return_index=True, return_inverse=True)
         sources = first[inverse.reshape(-1)].astype(np.int64)
+        order = first.astype(np.int64)
     else:
         sources = np.arange(total, dtype=np.int64)
+        order = np.argsort(window_ids, kind="stable").astype(np.int64)
 
     plan = _plan_levels(levels)
     distinct = sorted(plan, reverse=True)  # fine to coarse: a merged level's source comes first
@@ -448,7 +452,7 @@ def _pool_on_cpu(kernels, fmap: Tensor, cells: Tensor, levels: Sequence[int], de
     out_keys = out.view(keys.dtype)
     wide_dtype = _WIDE_KEY_DTYPES[values.dtype]
     out_wide = out.view(wide_dtype) if dim % 2 == 0 else np.empty((total, 0), dtype=wide_dtype)
-    kernels.pool_windows(keys, cells_np, sources, sizes, parents, level_slots, out_keys, out_wide)
+    kernels.pool_windows(keys, keys_are_bits, cells_np, order, sources, sizes, parents, level_slots, out_keys, out_wide)
     return torch.from_numpy(out)
 
 
