@@ -175,6 +175,9 @@ def main() -> None:
         print(f"{name:<15}{scale:>5}{n:>6}{b:>12.3f}{s:>13.3f}{100 * over:>9.1f}%{kb / 1e3:>9.0f}{rss / 1e6:>13.0f}"
               f"{pool_s:>12.3f}{table / 1e3:>14.1f}")
     print("features: " + " ".join(f"overhead_{name}_{scale}={100 * over:.1f}%" for name, scale, _, _, _, over, *_ in rows))
+    # One summary figure per run: the worst dataset x scale (the goal is <= 15%).
+    worst = max(rows, key=lambda row: row[5])
+    print(f"overhead={100 * worst[5]:.1f}% ({worst[0]} s={worst[1]}) peak_rss_mb={max(row[7] for row in rows) / 1e6:.0f}")
 
 
 if __name__ == "__main__":

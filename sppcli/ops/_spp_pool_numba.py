@@ -9,8 +9,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+# Every kernel is compiled once per key width and cached on disk (cache=True), and uses numpy's
+# error model: no zero-division checks in the bin-edge arithmetic (levels are validated >= 1).
 
-@numba.njit(cache=True, nogil=True)
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def map_keys(bits, infinity, magnitude, keys):
     """``keys[y, x, c]``: the order-preserving key of float bits ``bits[c, y, x]`` (signed
     integers of the float's width; ``infinity`` is +inf's bits, ``magnitude`` all bits but the
@@ -32,7 +35,7 @@ def map_keys(bits, infinity, magnitude, keys):
     return unchanged
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _scan_bin(keys, y_lo, y_hi, x_lo, x_hi, acc):
     """``acc[c]`` = max key over cells ``[y_lo, y_hi) x [x_lo, x_hi)`` for every channel."""
     channels = acc.shape[0]
@@ -46,7 +49,7 @@ def _scan_bin(keys, y_lo, y_hi, x_lo, x_hi, acc):
                 acc[c] = max(acc[c], row[c])  # unconditional store: vectorises
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _write_channel_major(bins, row):
     """``row[c * B + b] = bins[b, c]`` for the ``[B, C]`` bins of one level."""
     count, channels = bins.shape
@@ -55,7 +58,7 @@ def _write_channel_major(bins, row):
             row[c * count + b] = bins[b, c]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _write_channel_major_paired(bins, pairs, row_wide, bits):
     """:func:`_write_channel_major` for an even bin count, moving two bins per element: bins
     ``2p`` and ``2p + 1`` of a channel are adjacent in the row, so they are packed into one
@@ -77,7 +80,7 @@ def _write_channel_major_paired(bins, pairs, row_wide, bits):
             row_wide[c * half + p] = pairs[p, c]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def pool_windows(keys, keys_are_bits, cells, order, sources, sizes, parents, level_slots, out, out_wide):
     """Pooled keys of every window, written to ``out`` in its final layout.
 
