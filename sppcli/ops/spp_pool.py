@@ -41,6 +41,7 @@ payload and sign can differ).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -416,11 +417,9 @@ def _cpu_kernel():
     global _numba_module
     if _numba_module is None:
         try:
-            from sppcli.ops import _spp_pool_numba
+            _numba_module = importlib.import_module("sppcli.ops._spp_pool_numba")
         except ImportError:
             _numba_module = False
-        else:
-            _numba_module = _spp_pool_numba
     return _numba_module or None
 
 
