@@ -81,6 +81,21 @@ def _write_channel_major_paired(bins, pairs, row_wide, bits):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
+def _merge_bins(bins, target, first, group, row_length):
+    """``bins[target]`` = max of the ``group x group`` block of bins from ``bins[first]``, in a
+    grid of ``row_length`` bins a row."""
+    acc = bins[target]
+    start = bins[first]
+    for c in range(acc.shape[0]):
+        acc[c] = start[c]
+    for a in range(group):
+        for b in range(group):
+            row = bins[first + a * row_length + b]
+            for c in range(acc.shape[0]):
+                acc[c] = max(acc[c], row[c])
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def pool_windows(keys, keys_are_bits, cells, order, sources, sizes, parents, level_slots, out, out_wide):
     """Pooled keys of every window, written to ``out`` in its final layout.
 
@@ -133,15 +148,7 @@ def pool_windows(keys, keys_are_bits, cells, order, sources, sizes, parents, lev
                 parent_base = starts[parent]
                 for i in range(n):
                     for j in range(n):
-                        acc = bins[base + i * n + j]
-                        first = bins[parent_base + i * group * m + j * group]
-                        for c in range(channels):
-                            acc[c] = first[c]
-                        for a in range(group):
-                            for b in range(group):
-                                row = bins[parent_base + (i * group + a) * m + j * group + b]
-                                for c in range(channels):
-                                    acc[c] = max(acc[c], row[c])
+                        _merge_bins(bins, base + i * n + j, parent_base + i * group * m + j * group, group, m)
         # Keys back to float bits, in place (contiguous, vectorised), then the channel-major
         # copy of each level into the row.
         for e in range(0 if keys_are_bits else flat.shape[0]):
