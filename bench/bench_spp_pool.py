@@ -8,7 +8,8 @@ Run: python bench/bench_spp_pool.py [--windows 2000] [--repeats 5] [--seed 0] [-
 Prints the best-of-repeats wall-clock seconds and the speed-up over the loop; a CUDA row when
 available. For float32 and float16 it also prints ``pool_vs_floor=<x>``: spp_pool's time over
 the time of one write of its output (a fresh output-sized array filled by one copy), the least
-any implementation must spend; the torch path (the fallback without numba) is timed beside it. Timings on a machine shared with other jobs are meaningless with several threads
+any implementation must spend, in process CPU time (wall-clock in brackets); the torch path
+(the fallback without numba) is timed beside it. Timings on a machine shared with other jobs are meaningless with several threads
 (OpenMP threads wait on each other); ``--threads 1`` is the steadier comparison there.
 """
 
@@ -101,14 +102,17 @@ def main() -> None:
         typed = fmap.to(dtype)
         assert torch.equal(spp_pool(typed, cells), spp_pool_reference(typed, cells)), f"{dtype} differs"
         output = spp_pool(typed, cells).numpy()
-        floor = best_time(lambda: np.copyto(np.empty_like(output), output), args.repeats)[0]
-        pooled = best_time(lambda: spp_pool(typed, cells), args.repeats)[0]
+        floor = best_time(lambda: np.copyto(np.empty_like(output), output), args.repeats)
+        pooled = best_time(lambda: spp_pool(typed, cells), args.repeats)
         with torch_path():
-            fallback = best_time(lambda: spp_pool(typed, cells), args.repeats)[0]
+            fallback = best_time(lambda: spp_pool(typed, cells), args.repeats)
+        # Ratios of CPU time (one thread: the same as wall time on an idle machine, and not
+        # inflated by waiting for a core on a shared one); wall-clock ratios in brackets.
         name = str(dtype).removeprefix("torch.")
-        print(f"{name}: spp_pool {pooled * 1e3:.1f} ms, floor {floor * 1e3:.1f} ms "
-              f"({output.nbytes / 1e6:.0f} MB), pool_vs_floor={pooled / floor:.2f}; "
-              f"torch path {fallback * 1e3:.1f} ms, pool_vs_floor={fallback / floor:.2f}")
+        print(f"{name}: spp_pool {pooled[1] * 1e3:.1f} ms, floor {floor[1] * 1e3:.1f} ms "
+              f"({output.nbytes / 1e6:.0f} MB), pool_vs_floor={pooled[1] / floor[1]:.2f} "
+              f"(wall {pooled[0] / floor[0]:.2f}); torch path {fallback[1] * 1e3:.1f} ms, "
+              f"pool_vs_floor={fallback[1] / floor[1]:.2f} (wall {fallback[0] / floor[0]:.2f})")
 
 
 class torch_path:
