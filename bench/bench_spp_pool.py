@@ -6,7 +6,10 @@ the duplicate rate is the realistic one: small windows often collapse onto the s
 
 Run: python bench/bench_spp_pool.py [--windows 2000] [--repeats 5] [--seed 0] [--threads N]
 Prints the best-of-repeats wall-clock seconds and the speed-up over the loop; a CUDA row when
-available. Timings on a machine shared with other jobs are meaningless with several threads
+available. For float32 and float16 it also prints ``pool_vs_floor=<x>``: spp_pool's time over
+the time of one write of its output (a fresh output-sized array filled by one copy), the least
+any implementation must spend, in process CPU time (wall-clock in brackets); the torch path
+(the fallback without numba) is timed beside it. Timings on a machine shared with other jobs are meaningless with several threads
 (OpenMP threads wait on each other); ``--threads 1`` is the steadier comparison there.
 """
 
@@ -15,8 +18,10 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
+import sppcli.ops.spp_pool as spp_module
 from sppcli.ops.geometry import receptive_field, window_to_cells
 from sppcli.ops.spp_pool import spp_pool, spp_pool_reference
 
@@ -74,6 +79,8 @@ def main() -> None:
     rows.append(("cpu", "loop (adaptive_max_pool2d per window)", loop))
     rows.append(("cpu", "spp_pool, no dedup", best_time(lambda: spp_pool(fmap, cells, _dedup=False), args.repeats)))
     rows.append(("cpu", "spp_pool", best_time(lambda: spp_pool(fmap, cells), args.repeats)))
+    with torch_path():
+        rows.append(("cpu", "spp_pool, torch path", best_time(lambda: spp_pool(fmap, cells), args.repeats)))
 
     if torch.cuda.is_available():
         gpu_map, gpu_cells = fmap.cuda(), cells.cuda()
@@ -89,6 +96,34 @@ def main() -> None:
     print(f"{'device':<7}{'method':<40}{'wall s':>9}{'ratio':>8}{'CPU s':>9}{'ratio':>8}")
     for device, name, (wall, cpu) in rows:
         print(f"{device:<7}{name:<40}{wall:>9.4f}{loop[0] / wall:>7.1f}x{cpu:>9.4f}{loop[1] / cpu:>7.1f}x")
+
+    print("against the memory floor (one write of the output):")
+    for dtype in (torch.float32, torch.float16):
+        typed = fmap.to(dtype)
+        assert torch.equal(spp_pool(typed, cells), spp_pool_reference(typed, cells)), f"{dtype} differs"
+        output = spp_pool(typed, cells).numpy()
+        floor = best_time(lambda: np.copyto(np.empty_like(output), output), args.repeats)
+        pooled = best_time(lambda: spp_pool(typed, cells), args.repeats)
+        with torch_path():
+            fallback = best_time(lambda: spp_pool(typed, cells), args.repeats)
+        # Ratios of CPU time (one thread: the same as wall time on an idle machine, and not
+        # inflated by waiting for a core on a shared one); wall-clock ratios in brackets.
+        name = str(dtype).removeprefix("torch.")
+        print(f"{name}: spp_pool {pooled[1] * 1e3:.1f} ms, floor {floor[1] * 1e3:.1f} ms "
+              f"({output.nbytes / 1e6:.0f} MB), pool_vs_floor={pooled[1] / floor[1]:.2f} "
+              f"(wall {pooled[0] / floor[0]:.2f}); torch path {fallback[1] * 1e3:.1f} ms, "
+              f"pool_vs_floor={fallback[1] / floor[1]:.2f} (wall {fallback[0] / floor[0]:.2f})")
+
+
+class torch_path:
+    """Within the block, spp_pool takes its torch path on the CPU as well (the numba-less fallback)."""
+
+    def __enter__(self):
+        self.saved = spp_module._USE_NUMBA
+        spp_module._USE_NUMBA = False
+
+    def __exit__(self, *exc):
+        spp_module._USE_NUMBA = self.saved
 
 
 if __name__ == "__main__":

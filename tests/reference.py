@@ -25,3 +25,14 @@ def reorder_pooled(pooled: np.ndarray, from_levels: Sequence[int], to_levels: Se
         raise ValueError(f"pooled vectors have {pooled.shape[-1]} columns; levels {tuple(from_levels)} "
                          f"with {channels} channels give {perm.shape[0]}")
     return pooled[..., perm]
+
+
+def loop_nms(boxes, scores, threshold: float) -> list[int]:
+    """Textbook greedy NMS: highest score first, ties by lower index, IoU > threshold suppresses."""
+    box_list, score_list = boxes.double().tolist(), scores.double().tolist()
+    order = sorted(range(len(box_list)), key=lambda i: (-score_list[i], i))
+    kept: list[int] = []
+    for i in order:
+        if all(iou_loop(box_list[i], box_list[k]) <= threshold for k in kept):
+            kept.append(i)
+    return kept

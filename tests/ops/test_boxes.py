@@ -18,18 +18,7 @@ from sppcli.ops.boxes import (
     clip_boxes,
     nms,
 )
-from tests.reference import iou_loop
-
-
-def loop_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> list[int]:
-    """Textbook greedy NMS: highest score first, ties by lower index, IoU > threshold suppresses."""
-    box_list, score_list = boxes.double().tolist(), scores.double().tolist()
-    order = sorted(range(len(box_list)), key=lambda i: (-score_list[i], i))
-    kept: list[int] = []
-    for i in order:
-        if all(iou_loop(box_list[i], box_list[k]) <= threshold for k in kept):
-            kept.append(i)
-    return kept
+from tests.reference import iou_loop, loop_nms
 
 
 def random_boxes(n: int, generator: torch.Generator, size: float = 100.0) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,16 @@ from sppcli.ops.spp_pool import pooled_dim, spp_pool, spp_pool_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LEVEL_SETS = [(1, 2, 3, 6), (4, 3, 2, 1), (5,), (7, 1), (2, 4, 8)]
+
+
+@pytest.fixture(autouse=True, params=["numba", "torch"])
+def cpu_path(request, monkeypatch):
+    """Every test runs on both CPU implementations: the numba kernel and the torch path that
+    serves CUDA maps and machines without numba."""
+    if request.param == "numba" and spp_module._cpu_kernel() is None:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(spp_module, "_USE_NUMBA", request.param == "numba")
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -157,3 +169,17 @@ def test_bad_arguments_are_rejected():
         spp_pool(torch.randn(2, 4, 5), torch.tensor([[0, 0, 1, 1]]), levels=(0,))
     with pytest.raises(ValueError):
         spp_pool(torch.randn(4, 5), torch.tensor([[0, 0, 1, 1]]))
+
+
+def test_without_numba_the_torch_path_answers(monkeypatch, cpu_path):
+    if cpu_path == "torch":
+        pytest.skip("one run is enough")
+    # numba missing: importing the kernel module fails, and spp_pool falls back to torch.
+    monkeypatch.setitem(sys.modules, "numba", None)
+    monkeypatch.delitem(sys.modules, "sppcli.ops._spp_pool_numba", raising=False)
+    monkeypatch.setattr(spp_module, "_numba_module", None)
+    assert spp_module._cpu_kernel() is None
+    generator = torch.Generator().manual_seed(6)
+    fmap = torch.randn(3, 6, 7, generator=generator)
+    cells = every_window(6, 7)
+    assert torch.equal(spp_pool(fmap, cells), spp_pool_reference(fmap, cells))
