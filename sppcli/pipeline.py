@@ -256,8 +256,9 @@ class Planner:
                                 plan.upstream_keys, plan.external, total_items=total)
 
 
-class Interrupted(Exception):
-    """Ctrl-C during a stage; the message says how far it got and that rerunning resumes."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a stage; the message says how far it got and that rerunning resumes.
+    Still a KeyboardInterrupt, so callers that stop on Ctrl-C keep stopping."""
 
 
 def execute(planner: Planner, plan: Plan, run: Callable[[dict[str, Manifest], "object"], Manifest],
