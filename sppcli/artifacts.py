@@ -604,10 +604,24 @@ class StageRun:
         self.final_dir: Path = final_dir or self.dir
         self.items_dir = self.dir / ITEMS
         self.started = time.time()
+        self._progress: tuple[Any, str] | None = None
 
     @property
     def key(self) -> str:
         return self.manifest.key
+
+    def track_progress(self, done_and_total, unit: str) -> None:
+        """Let a whole-stage run say how far it has got (and saved), e.g. epochs:
+        ``done_and_total()`` returns ``(done, total)`` when asked, on Ctrl-C."""
+        self._progress = (done_and_total, unit)
+
+    def progress(self) -> tuple[int, int, str] | None:
+        """(done, total, unit) from :meth:`track_progress`, or None if the stage gave none."""
+        if self._progress is None:
+            return None
+        fn, unit = self._progress
+        done, total = fn()
+        return int(done), int(total), unit
 
     @property
     def forced(self) -> bool:

@@ -336,6 +336,10 @@ def _interrupted_message(planner: Planner, plan: Plan, out) -> str:
         total = len(planner.dataset(plan.split))
         done = count_items(out.dir)
         return f"interrupted after {done} of {total} images; {resume}"
+    progress = out.progress()
+    if progress is not None:
+        done, total, unit = progress
+        return f"interrupted after {done} of {total} {unit}; {resume}"
     return f"interrupted; {resume}"
 
 

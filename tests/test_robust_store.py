@@ -354,8 +354,30 @@ def test_status_of_runs_that_stopped_before_finishing(tiny_devkit, cache_dir, mo
     assert planner.state(plan).reasons == (
         "started, not finished (6 of 6 images written; the stage failed or was stopped before finishing)",)
 
-    svm = planner.plan("svm")
+    svm = planner.plan("bbox_reg")  # a whole-stage run: pool + features upstream
     planner.store.run_dir(svm.stage, svm.dataset, svm.key).mkdir(parents=True)
     assert planner.state(svm).reasons == ("started, not finished",)
     text = format_status(pipeline_status(planner, ["pool5"]))
     assert "started, not finished" in text and "of ? images" not in text
+
+
+def test_ctrl_c_in_a_whole_stage_says_what_it_can(tiny_devkit, cache_dir, tmp_path):
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"weights")
+    planner = Planner(ArtifactStore(cache_dir), tiny_config(tiny_devkit, weights))
+    for stage in ("proposals", "features", "pool"):
+        _execute(planner, planner.plan(stage), _fake_stage(0.0))
+    svm = planner.plan("bbox_reg")  # a whole-stage run: pool + features upstream
+
+    def stopped(upstream, out):
+        raise KeyboardInterrupt
+
+    def stopped_in_epoch_3(upstream, out):
+        out.track_progress(lambda: (3, 10), "epochs")
+        raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match=r"^interrupted; run the same command again to resume$"):
+        execute(planner, svm, stopped)
+    with pytest.raises(Interrupted, match=r"^interrupted after 3 of 10 epochs; run the same command again"):
+        execute(planner, svm, stopped_in_epoch_3)
+    assert planner.state(svm).reasons == ("started, not finished",)
