@@ -354,9 +354,9 @@ def test_status_of_runs_that_stopped_before_finishing(tiny_devkit, cache_dir, mo
     assert planner.state(plan).reasons == (
         "started, not finished (6 of 6 images written; the stage failed or was stopped before finishing)",)
 
-    svm = planner.plan("bbox_reg")  # a whole-stage run: pool + features upstream
-    planner.store.run_dir(svm.stage, svm.dataset, svm.key).mkdir(parents=True)
-    assert planner.state(svm).reasons == ("started, not finished",)
+    whole = planner.plan("bbox_reg")  # a whole-stage stage: no items to count
+    planner.store.run_dir(whole.stage, whole.dataset, whole.key).mkdir(parents=True)
+    assert planner.state(whole).reasons == ("started, not finished",)
     text = format_status(pipeline_status(planner, ["pool5"]))
     assert "started, not finished" in text and "of ? images" not in text
 
@@ -367,7 +367,7 @@ def test_ctrl_c_in_a_whole_stage_says_what_it_can(tiny_devkit, cache_dir, tmp_pa
     planner = Planner(ArtifactStore(cache_dir), tiny_config(tiny_devkit, weights))
     for stage in ("proposals", "features", "pool"):
         _execute(planner, planner.plan(stage), _fake_stage(0.0))
-    svm = planner.plan("bbox_reg")  # a whole-stage run: pool + features upstream
+    whole = planner.plan("bbox_reg")  # a whole-stage run: pool + features upstream
 
     def stopped(upstream, out):
         raise KeyboardInterrupt
@@ -377,7 +377,7 @@ def test_ctrl_c_in_a_whole_stage_says_what_it_can(tiny_devkit, cache_dir, tmp_pa
         raise KeyboardInterrupt
 
     with pytest.raises(Interrupted, match=r"^interrupted; run the same command again to resume$"):
-        execute(planner, svm, stopped)
+        execute(planner, whole, stopped)
     with pytest.raises(Interrupted, match=r"^interrupted after 3 of 10 epochs; run the same command again"):
-        execute(planner, svm, stopped_in_epoch_3)
-    assert planner.state(svm).reasons == ("started, not finished",)
+        execute(planner, whole, stopped_in_epoch_3)
+    assert planner.state(whole).reasons == ("started, not finished",)
