@@ -111,8 +111,11 @@ def _sum_path(item: Path) -> Path:
 # atomic writes
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` so that readers see either the old file or the whole new one."""
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` so that readers see either the old file or the whole new one.
+
+    ``durable=False`` skips the fsyncs, for hints that a reader checks and can rebuild (an
+    item's sum): after a power cut such a file may be missing or empty, never half another's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -125,9 +128,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -136,8 +141,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+def atomic_write_json(path: Path, obj: Any, durable: bool = True) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode(),
+                       durable)
 
 
 @contextlib.contextmanager
@@ -171,7 +177,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.close(fd)
         if path.parent.name == ITEMS:
             size, digest = file_sum(tmp)
-            atomic_write_json(_sum_path(path), {"bytes": size, "blake2b": digest})
+            # finish() re-hashes an item whose sum is missing or unreadable, so it need not be durable
+            atomic_write_json(_sum_path(path), {"bytes": size, "blake2b": digest}, durable=False)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
