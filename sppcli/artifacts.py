@@ -4,8 +4,14 @@ Layout under the artifact root (``--cache-dir``, default ``cache/``)::
 
     <root>/<stage>/<dataset>/<key12>/manifest.json     written last; "complete": true means done
     <root>/<stage>/<dataset>/<key12>/items/<id>.h5     per-image outputs of per-image stages
+    <root>/<stage>/<dataset>/<key12>/items/.sums/      size and blake2b of each item, as written
     <root>/<stage>/<dataset>/<key12>/...               whole-stage outputs (models, tables, PNGs)
     <root>/<stage>/<dataset>/LATEST                    key of the newest complete run
+    <root>/<stage>/<dataset>/.<key12>.lock[.json]      the run's lock and who holds it
+    <root>/<stage>/<dataset>/.<key12>.forced-<pid>/    a --force run, renamed over <key12> when complete
+
+The manifest records every output's size and blake2b: consumers compare sizes before they
+start, ``sppcli status --verify`` compares hashes.
 
 A stage's key hashes canonical JSON of {stage, VERSION, params, upstream keys, external file
 digests}. Downstream stages hash upstream *keys*, never feature content, so checking whether a
@@ -553,6 +559,11 @@ class ArtifactStore:
         siblings left by forced runs that died are then known to be dead and are removed."""
         key = stage_key(stage, version, params, upstream, external)
         final_dir = self.run_dir(stage, dataset, key)
+        for replaced in final_dir.parent.glob(f".{final_dir.name}.replaced-*"):
+            if final_dir.exists():  # a swap that died after the new run took the name
+                shutil.rmtree(replaced, ignore_errors=True)
+            else:  # ... or before: the old complete run goes back
+                os.replace(replaced, final_dir)
         for leftover in final_dir.parent.glob(f".{final_dir.name}.forced-*"):
             shutil.rmtree(leftover, ignore_errors=True)
         work_dir = final_dir
@@ -587,14 +598,6 @@ def _tree_size(path: Path | None) -> int:
     if path is None or not path.exists():
         return 0
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _remove_tree(path: Path) -> None:
-    # Rename first so that a crash half-way through deletion never leaves a half-deleted run
-    # directory that looks like a resumable partial run.
-    doomed = path.with_name(f".{path.name}.deleting.{os.getpid()}")
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
 
 
 class StageRun:

@@ -112,6 +112,12 @@ def test_forced_run_that_fails_leaves_the_old_run_complete(tiny_devkit, cache_di
     assert planner.state(plan).state == "complete" and verify(new) == []
     assert not [p for p in old.dir.parent.iterdir() if ".forced-" in p.name or ".replaced-" in p.name]
 
+    # a swap killed after moving the old run aside and before renaming the new one in
+    replaced = old.dir.with_name(f".{old.dir.name}.replaced-999999")
+    os.replace(old.dir, replaced)
+    again, _ = _execute(planner, plan, _fake_stage(4.0))
+    assert not replaced.exists() and all((v == 3.0).all() for v in _boxes(again.dir).values())
+
 
 # ------------------------------------------------------------------------------------ 2. full disk
 
