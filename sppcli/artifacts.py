@@ -4,8 +4,14 @@ Layout under the artifact root (``--cache-dir``, default ``cache/``)::
 
     <root>/<stage>/<dataset>/<key12>/manifest.json     written last; "complete": true means done
     <root>/<stage>/<dataset>/<key12>/items/<id>.h5     per-image outputs of per-image stages
+    <root>/<stage>/<dataset>/<key12>/items/.sums/      size and blake2b of each item, as written
     <root>/<stage>/<dataset>/<key12>/...               whole-stage outputs (models, tables, PNGs)
     <root>/<stage>/<dataset>/LATEST                    key of the newest complete run
+    <root>/<stage>/<dataset>/.<key12>.lock[.json]      the run's lock and who holds it
+    <root>/<stage>/<dataset>/.<key12>.forced-<pid>/    a --force run, renamed over <key12> when complete
+
+The manifest records every output's size and blake2b: consumers compare sizes before they
+start, ``sppcli status --verify`` compares hashes.
 
 A stage's key hashes canonical JSON of {stage, VERSION, params, upstream keys, external file
 digests}. Downstream stages hash upstream *keys*, never feature content, so checking whether a
@@ -15,11 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
 import platform
+import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -31,35 +40,116 @@ MANIFEST = "manifest.json"
 ITEMS = "items"
 LATEST = "LATEST"
 _DIGEST_MEMO = ".digests.json"
+SUMS = ".sums"  # items/.sums/<item name>.json: size and blake2b of each item, written with it
 
 
 class ArtifactError(RuntimeError):
     """A required artifact is missing or unusable; the message says which command makes it."""
 
 
+class DiskError(ArtifactError):
+    """The disk refused a write (full, failing, read-only, over quota). Nothing damaged is left
+    under a final name, so rerunning the same command after fixing the disk resumes."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+
+
+_DISK_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                errno.EIO: "disk I/O error", errno.EROFS: "read-only file system"}
+_DISK_ADVICE = {errno.ENOSPC: "free space and rerun the same command",
+                errno.EDQUOT: "free space (or raise the quota) and rerun the same command",
+                errno.EIO: "check the disk (dmesg) and rerun the same command",
+                errno.EROFS: "give a writable --cache-dir or remount it read-write, then rerun the same command"}
+
+
+def disk_errno(e: BaseException) -> int | None:
+    """The errno of a disk-level failure, or None. h5py raises a bare OSError whose message
+    carries the C library's errno (``errno = 28``), so the text is read as well."""
+    if not isinstance(e, OSError):
+        return None
+    if e.errno in _DISK_ERRNOS:
+        return e.errno
+    text = str(e)
+    for code in _DISK_ERRNOS:
+        if f"errno = {code}," in text or os.strerror(code) in text:
+            return code
+    return None
+
+
+def disk_error(e: OSError, path: Path | str) -> DiskError:
+    code = disk_errno(e)
+    assert code is not None
+    return DiskError(f"{_DISK_ERRNOS[code]} writing {path}; {_DISK_ADVICE[code]}")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable: without it a power cut can lose the new name."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. a platform without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if disk_errno(e) is not None:
+            raise
+    finally:
+        os.close(fd)
+
+
+def file_sum(path: Path) -> tuple[int, str]:
+    """(size, blake2b hex) of a file's bytes."""
+    h = hashlib.blake2b(digest_size=20)
+    size = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _sum_path(item: Path) -> Path:
+    return item.parent / SUMS / f"{item.name}.json"
+
+
 # ---------------------------------------------------------------------------------------------
 # atomic writes
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` so that readers see either the old file or the whole new one."""
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` so that readers see either the old file or the whole new one.
+
+    ``durable=False`` skips the fsyncs, for hints that a reader checks and can rebuild (an
+    item's sum): after a power cut such a file may be missing or empty, never half another's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        if disk_errno(e) is not None:
+            raise disk_error(e, path) from None
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        if durable:
+            _fsync_dir(path.parent)
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if disk_errno(e) is not None:
+            raise disk_error(e, path) from None
         raise
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+def atomic_write_json(path: Path, obj: Any, durable: bool = True) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode(),
+                       durable)
 
 
 @contextlib.contextmanager
@@ -68,17 +158,40 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
     For writers that want a file name (h5py, np.savez, torch.save, PIL) rather than bytes.
     A crash or Ctrl-C inside the block leaves ``path`` untouched and removes the temporary file.
+    The file's bytes are fsync'd before the rename and the directory after it, so a name that
+    survives a power cut names complete bytes. A per-image item (a file in an ``items/`` folder)
+    also gets its size and blake2b recorded in ``items/.sums/`` before it takes its name: what
+    ``finish`` copies into the manifest and ``sppcli status --verify`` checks. A full or failing
+    disk anywhere in the block (the writer, h5py's close, the fsync) becomes one
+    :class:`DiskError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if disk_errno(e) is not None:
+            raise disk_error(e, path) from None
+        raise
     # Keep the real suffix last: np.savez and PIL pick behaviour from it.
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.{time.monotonic_ns()}.tmp{path.suffix}")
     try:
         yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if path.parent.name == ITEMS:
+            size, digest = file_sum(tmp)
+            # finish() re-hashes an item whose sum is missing or unreadable, so it need not be durable
+            atomic_write_json(_sum_path(path), {"bytes": size, "blake2b": digest}, durable=False)
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_dir(path.parent)
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if disk_errno(e) is not None and not isinstance(e, DiskError):
+            raise disk_error(e, path) from None
         raise
 
 
@@ -216,6 +329,7 @@ class Manifest:
     created: float = 0.0
     n_items: int | None = None
     outputs: dict = dataclasses.field(default_factory=dict)  # relative path -> bytes
+    checksums: dict = dataclasses.field(default_factory=dict)  # relative path -> blake2b hex
     metrics: dict = dataclasses.field(default_factory=dict)
     timings: dict = dataclasses.field(default_factory=dict)
     environment: dict = dataclasses.field(default_factory=dict)
@@ -228,7 +342,13 @@ class Manifest:
 
     @classmethod
     def read(cls, path: Path) -> "Manifest":
-        d = json.loads(Path(path).read_text())
+        """The manifest at ``path``; :class:`DamagedManifest` if it is not a manifest's JSON."""
+        try:
+            d = json.loads(Path(path).read_text())
+            if not isinstance(d, dict) or "key" not in d:
+                raise ValueError("not a manifest")
+        except (ValueError, UnicodeDecodeError):
+            raise DamagedManifest(Path(path)) from None
         known = {f.name for f in dataclasses.fields(cls)}
         m = cls(**{k: v for k, v in d.items() if k in known and k != "dir"})
         m.dir = Path(path).parent
@@ -240,6 +360,77 @@ class Manifest:
 
     def item_path(self, image_id: str) -> Path:
         return self.path(ITEMS) / f"{image_id}.h5"
+
+
+class DamagedManifest(ArtifactError):
+    """A ``manifest.json`` that does not parse (truncated, overwritten): the run it describes
+    cannot be trusted, and only ``--force`` (which builds beside it) replaces it."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return f"{self.path} is damaged; rerun with --force to rebuild"
+
+
+class DamagedItem(ArtifactError):
+    """An artifact file whose size differs from its record, or that h5py cannot read.
+    ``command`` (when known) rebuilds it."""
+
+    def __init__(self, path: Path | str, command: str = ""):
+        super().__init__(str(path), command)
+        self.path = Path(path)
+        self.command = command
+
+    def __str__(self) -> str:
+        fix = self.command or "the command that wrote it, with --force"
+        return f"{self.path} is damaged (truncated / unreadable); rebuild it with: {fix}"
+
+
+@contextlib.contextmanager
+def open_item(path: Path | str) -> Iterator[Any]:
+    """``h5py.File(path, "r")`` that turns an unreadable file into one :class:`DamagedItem`."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except FileNotFoundError:
+        raise
+    except OSError:
+        raise DamagedItem(path) from None
+    with f:
+        yield f
+
+
+def check_sizes(manifest: Manifest, command: str = "") -> None:
+    """Raise :class:`DamagedItem` for the first output of ``manifest`` whose size is not the
+    recorded one (a truncated copy, a disk that lost a tail): one ``stat`` per file."""
+    assert manifest.dir is not None
+    for rel, size in manifest.outputs.items():
+        path = manifest.dir / rel
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            actual = -1
+        if actual != size:
+            raise DamagedItem(path, command)
+
+
+def verify(manifest: Manifest) -> list[Path]:
+    """The outputs of ``manifest`` whose bytes no longer hash to their record (or are missing)."""
+    assert manifest.dir is not None
+    bad = []
+    for rel, size in sorted(manifest.outputs.items()):
+        path = manifest.dir / rel
+        try:
+            actual_size, digest = file_sum(path)
+        except FileNotFoundError:
+            bad.append(path)
+            continue
+        if actual_size != size or (rel in manifest.checksums and manifest.checksums[rel] != digest):
+            bad.append(path)
+    return bad
 
 
 def environment_info(device: str | None = None) -> dict:
@@ -307,6 +498,8 @@ class ArtifactStore:
 
     # -- lookups
     def manifest(self, stage: str, dataset: str, key: str) -> Manifest | None:
+        """The manifest of this key's run (complete or not), None if it has none;
+        :class:`DamagedManifest` if it has one that does not parse."""
         path = self.run_dir(stage, dataset, key) / MANIFEST
         if not path.exists():
             return None
@@ -327,39 +520,78 @@ class ArtifactStore:
               upstream: Mapping, external: Mapping, total_items: int | None = None) -> StageState:
         """Classify the run that ``key`` names, explaining why it is not complete."""
         run_dir = self.run_dir(stage, dataset, key)
-        m = self.manifest(stage, dataset, key)
         size = _tree_size(run_dir)
+        try:
+            m = self.manifest(stage, dataset, key)
+        except DamagedManifest as e:
+            return StageState("damaged", (f"damaged: {e.path}",), size_bytes=size)
         if m is not None and m.complete:
             return StageState("complete", manifest=m, size_bytes=size,
                               done_items=m.n_items or 0, total_items=m.n_items)
-        done = _count_items(run_dir)
+        done = count_items(run_dir)
         if run_dir.exists():
-            return StageState("partial", (f"partial: {done} of {total_items if total_items is not None else '?'} images",),
-                              done_items=done, total_items=total_items, size_bytes=size)
-        old = self.latest(stage, dataset)
+            if total_items is None:
+                # A whole-stage run has no items to count; its folder only says it began.
+                why = "started, not finished"
+            elif done >= total_items:
+                why = (f"started, not finished ({done} of {total_items} images written; "
+                       "the stage failed or was stopped before finishing)")
+            else:
+                why = f"partial: {done} of {total_items} images"
+            return StageState("partial", (why,), done_items=done, total_items=total_items, size_bytes=size)
+        try:
+            old = self.latest(stage, dataset)
+        except DamagedManifest:
+            old = None
         if old is not None:
             return StageState("stale", tuple(describe_changes(old, version, params, upstream, external)),
                               manifest=old, size_bytes=_tree_size(old.dir) if old.dir else 0)
         return StageState("missing", ("missing",))
 
+    def lock(self, stage: str, dataset: str, key: str) -> "RunLock":
+        return RunLock(self.run_dir(stage, dataset, key))
+
     def begin(self, stage: str, dataset: str, version: int, params: Mapping, upstream: Mapping[str, str],
               external: Mapping[str, str], force: bool = False) -> "StageRun":
+        """Open the run directory of this key: resumed as it is, or with ``force`` a fresh
+        sibling ``.<key12>.forced-<pid>`` that ``finish`` swaps in, so that the complete run
+        stays complete until its replacement is. Call it holding the run's :class:`RunLock`:
+        siblings left by forced runs that died are then known to be dead and are removed."""
         key = stage_key(stage, version, params, upstream, external)
-        run_dir = self.run_dir(stage, dataset, key)
-        if force and run_dir.exists():
-            _remove_tree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        final_dir = self.run_dir(stage, dataset, key)
+        for replaced in final_dir.parent.glob(f".{final_dir.name}.replaced-*"):
+            if final_dir.exists():  # a swap that died after the new run took the name
+                shutil.rmtree(replaced, ignore_errors=True)
+            else:  # ... or before: the old complete run goes back
+                os.replace(replaced, final_dir)
+        for leftover in final_dir.parent.glob(f".{final_dir.name}.forced-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        work_dir = final_dir
+        if force and final_dir.exists():
+            work_dir = final_dir.with_name(f".{final_dir.name}.forced-{os.getpid()}")
+        try:
+            work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if disk_errno(e) is not None:
+                raise disk_error(e, work_dir) from None
+            raise
         manifest = Manifest(stage=stage, dataset=dataset, key=key, version=int(version),
                             params=json.loads(canonical_json(dict(params))), upstream=dict(upstream),
-                            external=dict(external), dir=run_dir)
-        return StageRun(self, manifest)
+                            external=dict(external), dir=work_dir)
+        return StageRun(self, manifest, final_dir)
 
 
-def _count_items(run_dir: Path) -> int:
+def count_items(run_dir: Path) -> int:
     items = run_dir / ITEMS
     if not items.is_dir():
         return 0
     return sum(1 for p in items.iterdir() if p.suffix == ".h5" and not p.name.startswith("."))
+
+
+def _is_output(path: Path, root: Path) -> bool:
+    """A file ``finish`` records: not the manifest, nothing hidden (temporaries, item sums)."""
+    rel = path.relative_to(root)
+    return path.is_file() and rel.name != MANIFEST and not any(part.startswith(".") for part in rel.parts)
 
 
 def _tree_size(path: Path | None) -> int:
@@ -368,29 +600,42 @@ def _tree_size(path: Path | None) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    # Rename first so that a crash half-way through deletion never leaves a half-deleted run
-    # directory that looks like a resumable partial run.
-    doomed = path.with_name(f".{path.name}.deleting.{os.getpid()}")
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
 class StageRun:
-    """An open (possibly resumed) run directory of one stage; ``finish`` makes it complete."""
+    """An open (possibly resumed) run directory of one stage; ``finish`` makes it complete.
 
-    def __init__(self, store: ArtifactStore, manifest: Manifest):
+    ``dir`` is where the stage writes; for a forced run it is a hidden sibling of
+    ``final_dir``, which ``finish`` renames into place.
+    """
+
+    def __init__(self, store: ArtifactStore, manifest: Manifest, final_dir: Path | None = None):
         self.store = store
         self.manifest = manifest
         self.dir: Path = manifest.dir  # type: ignore[assignment]
+        self.final_dir: Path = final_dir or self.dir
         self.items_dir = self.dir / ITEMS
         self.started = time.time()
+        self._progress: tuple[Any, str] | None = None
 
     @property
     def key(self) -> str:
         return self.manifest.key
+
+    def track_progress(self, done_and_total, unit: str) -> None:
+        """Let a whole-stage run say how far it has got (and saved), e.g. epochs:
+        ``done_and_total()`` returns ``(done, total)`` when asked, on Ctrl-C."""
+        self._progress = (done_and_total, unit)
+
+    def progress(self) -> tuple[int, int, str] | None:
+        """(done, total, unit) from :meth:`track_progress`, or None if the stage gave none."""
+        if self._progress is None:
+            return None
+        fn, unit = self._progress
+        done, total = fn()
+        return int(done), int(total), unit
+
+    @property
+    def forced(self) -> bool:
+        return self.dir != self.final_dir
 
     def item_path(self, image_id: str) -> Path:
         return self.items_dir / f"{image_id}.h5"
@@ -410,6 +655,24 @@ class StageRun:
             with h5py.File(tmp, "w") as f:
                 yield f
 
+    def abandon(self) -> None:
+        """Drop a forced run's sibling after a failure (a forced run cannot resume)."""
+        if self.forced:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _checksums(self, outputs: Iterable[str]) -> dict[str, str]:
+        sums = {}
+        for rel in outputs:
+            path = self.dir / rel
+            record = None
+            with contextlib.suppress(OSError, ValueError):
+                record = json.loads(_sum_path(path).read_text())
+            if path.parent.name == ITEMS and record and record.get("bytes") == path.stat().st_size:
+                sums[rel] = record["blake2b"]
+            else:  # whole-stage outputs, and items written before sums were recorded
+                sums[rel] = file_sum(path)[1]
+        return sums
+
     def finish(self, metrics: Mapping | None = None, timings: Mapping | None = None,
                n_items: int | None = None, device: str | None = None) -> Manifest:
         m = self.manifest
@@ -418,11 +681,104 @@ class StageRun:
         m.timings.setdefault("wall_seconds", round(time.time() - self.started, 3))
         m.n_items = n_items
         m.outputs = {str(p.relative_to(self.dir)): p.stat().st_size
-                     for p in sorted(self.dir.rglob("*")) if p.is_file() and not p.name.startswith(".")
-                     and p.name != MANIFEST}
+                     for p in sorted(self.dir.rglob("*")) if _is_output(p, self.dir)}
+        m.checksums = self._checksums(m.outputs)
         m.environment = environment_info(device)
         m.created = time.time()
         m.complete = True
         atomic_write_json(self.dir / MANIFEST, m.to_json())
-        atomic_write_bytes(self.dir.parent / LATEST, (m.key + "\n").encode())
+        if self.forced:
+            self._swap_in()
+        m.dir = self.final_dir
+        atomic_write_bytes(self.final_dir.parent / LATEST, (m.key + "\n").encode())
         return m
+
+    def _swap_in(self) -> None:
+        """Replace the old run by this complete one: old aside, new in, old removed."""
+        final = self.final_dir
+        aside = final.with_name(f".{final.name}.replaced-{os.getpid()}")
+        if final.exists():
+            os.replace(final, aside)
+        os.replace(self.dir, final)
+        _fsync_dir(final.parent)
+        shutil.rmtree(aside, ignore_errors=True)
+        self.dir = final
+        self.items_dir = final / ITEMS
+
+
+class RunInUse(ArtifactError):
+    """Another process holds the run directory's lock and the caller asked not to wait."""
+
+
+class RunLock:
+    """One process at a time per run directory: ``<dataset dir>/.<key12>.lock`` (flock, through
+    the ``filelock`` package), with who holds it in ``.<key12>.lock.json`` beside it.
+
+    What it promises: on a local file system, two ``sppcli`` processes on one machine never
+    write the same run directory at once, and a holder that dies (even by SIGKILL or a power
+    cut) releases the lock with its file descriptor, so a stale lock file never blocks. On NFS
+    and other shared file systems flock is only as good as the server: Linux NFS clients map it
+    to POSIX byte-range locks, which need a working lock manager (NFSv3 lockd / NFSv4) and are
+    honoured across machines only then; some FUSE and SMB mounts ignore it. The Dask engine
+    (``--scheduler``) takes the lock in the process that runs the command (the scheduler side),
+    not in the workers, so two commands on different machines sharing one cache are kept apart
+    only where the file system honours flock.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir.with_name(f".{self.run_dir.name}.lock")
+        self.info_path = self.run_dir.with_name(f".{self.run_dir.name}.lock.json")
+        self._lock = None
+
+    def holder(self) -> dict:
+        """Who holds the lock, from its sidecar ({} if unknown)."""
+        try:
+            return json.loads(self.info_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _describe(self) -> str:
+        h = self.holder()
+        return f"pid {h.get('pid', '?')} on {h.get('host', '?')}"
+
+    def acquire(self, wait: bool = True, log=None) -> "RunLock":
+        """Take the lock; if it is held, say so once (``log``) and wait, or with ``wait=False``
+        raise :class:`RunInUse`."""
+        from filelock import FileLock, Timeout
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if disk_errno(e) is not None:
+                raise disk_error(e, self.path) from None
+            raise
+        lock = FileLock(str(self.path), thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if not wait:
+                raise RunInUse(f"{self.run_dir} is in use by {self._describe()}; "
+                               "rerun without --no-wait to wait") from None
+            since = self.holder().get("since", "?")
+            (log or print)(f"waiting for {self.run_dir}: held by {self._describe()} since {since}")
+            lock.acquire()
+        self._lock = lock
+        with contextlib.suppress(OSError):
+            atomic_write_json(self.info_path, {"pid": os.getpid(), "host": socket.gethostname(),
+                                               "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                               "argv": sys.argv[1:]})
+        return self
+
+    def release(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.info_path)
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

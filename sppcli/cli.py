@@ -35,8 +35,8 @@ def _run_stage(stage: str, module: str, kw: dict, extra: list[str] = (), split_r
     split = kw.get("split") or (planner.split_of(split_role) if split_role else None)
     plan = planner.plan(stage, split)
     options = RunOptions(device=kw.get("device", "auto"), workers=kw.get("workers", 1),
-                         scheduler=kw.get("scheduler"))
-    manifest, _ran = run_stage(planner, module, plan, options, force=kw["force"])
+                         scheduler=kw.get("scheduler"), wait=not kw.get("no_wait"))
+    manifest, _ran = run_stage(planner, module, plan, options, force=kw["force"], hint_args=hint_args(kw))
     return planner, manifest
 
 
@@ -605,10 +605,14 @@ def predict_cmd(inputs, out, bundle, score, coco, variant, **kw):
 
 @main.command("status")
 @click.option("--variant", "variants", multiple=True, help="Also show these Table 6 rows (default: all).")
+@click.option("--verify", is_flag=True,
+              help="Re-read every file of the complete runs and list those whose bytes changed, "
+                   "with the command that rebuilds each (reads everything: slow on big caches).")
 @stage_options(split=False, runtime=False)
 @friendly_errors
-def status_cmd(variants, **kw):
-    """Every stage of the pipeline: complete / partial (n of m images) / stale (why) / missing.
+def status_cmd(variants, verify, **kw):
+    """Every stage of the pipeline: complete / partial (n of m images) / stale (why) / missing
+    / damaged.
 
     \b
     Example:
@@ -618,7 +622,7 @@ def status_cmd(variants, **kw):
 
     setup_logging(kw["verbose"], kw["quiet"])
     planner = make_planner(kw["config_path"], kw["overrides"], kw["cache_dir"])
-    rows = pipeline_status(planner, variants or None, hint_args(kw))
+    rows = pipeline_status(planner, variants or None, hint_args(kw), verify=verify)
     if kw["as_json"]:
         click.echo(json.dumps(rows, indent=2, default=str))
     else:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from sppcli.artifacts import ArtifactError, ArtifactStore
+from sppcli.artifacts import ArtifactError, ArtifactStore, disk_error, disk_errno
 from sppcli.config import ConfigError, load_config
 
 
@@ -65,7 +65,10 @@ def stage_options(split: bool = True, runtime: bool = True):
 
     def decorate(f):
         f = _common(f)
-        f = click.option("--force", is_flag=True, help="Run again even if an up-to-date artifact exists.")(f)
+        f = click.option("--force", is_flag=True, help="Run again even if an up-to-date artifact exists "
+                         "(the old one stays until the new one is complete).")(f)
+        f = click.option("--no-wait", "no_wait", is_flag=True,
+                         help="If another sppcli process is running this stage, exit at once instead of waiting.")(f)
         f = click.option("--json", "as_json", is_flag=True, help="Print the stage's manifest as JSON on stdout.")(f)
         if split:
             f = click.option("--split", default=None,
@@ -91,15 +94,28 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def friendly_errors(f):
-    """Turn the library's expected errors into one clear line and exit status 1, not a traceback."""
+    """Turn the library's expected errors into one clear line and exit status 1, not a traceback;
+    Ctrl-C into one line and exit status 130 (the shell's code for SIGINT)."""
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         from sppcli.data.voc import VocError
+        from sppcli.pipeline import Interrupted
 
         try:
             return f(*args, **kwargs)
-        except (ConfigError, ArtifactError, VocError, FileNotFoundError, ValueError, RuntimeError) as e:
+        except (Interrupted, KeyboardInterrupt) as e:
+            click.echo(str(e) if isinstance(e, Interrupted) else
+                       "interrupted; run the same command again to resume", err=True)
+            raise click.exceptions.Exit(130) from None
+        except OSError as e:
+            if disk_errno(e) is None and not isinstance(e, FileNotFoundError):
+                raise
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+            message = str(disk_error(e, e.filename or "the cache")) if disk_errno(e) is not None else str(e)
+            raise click.ClickException(message) from None
+        except (ConfigError, ArtifactError, VocError, ValueError, RuntimeError) as e:
             if logging.getLogger().isEnabledFor(logging.DEBUG):
                 raise
             raise click.ClickException(str(e)) from None

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
-from sppcli.artifacts import ArtifactError, ArtifactStore, Manifest, StageState, stage_key
+from sppcli.artifacts import (ArtifactError, ArtifactStore, DamagedItem, DamagedManifest, Manifest, StageState,
+                              check_sizes, count_items, stage_key)
 from sppcli.config import Config, as_dict
 from sppcli.stages import STAGES
 
@@ -223,15 +224,31 @@ class Planner:
         """The complete artifacts ``plan`` reads, or an error naming the command that makes each."""
         out = {}
         for role, up in plan.upstream.items():
-            m = self.store.manifest(up.stage, up.dataset, up.key)
+            try:
+                m = self.store.manifest(up.stage, up.dataset, up.key)
+            except DamagedManifest as e:
+                raise ArtifactError(f"{e.path} is damaged; rebuild it with: {up.command} --force") from None
             if m is None or not m.complete:
                 st = self.state(up)
                 why = "; ".join(st.reasons) if st.reasons else st.state
                 raise ArtifactError(
                     f"{plan.stage} needs a complete {up.stage} artifact for {up.dataset} ({why}); "
                     f"run `{up.command}` with the same --config/--set first")
+            check_sizes(m, f"{up.command} --force")
             out[role] = m
         return out
+
+    def rebuild_command(self, plan: Plan, path: Path) -> str:
+        """The command that rebuilds the artifact holding ``path``: an upstream of ``plan``."""
+        path = Path(path).resolve()
+        for up in plan.upstream.values():
+            run_dir = self.store.run_dir(up.stage, up.dataset, up.key).resolve()
+            if run_dir in path.parents:
+                return f"{up.command} --force"
+            found = self.rebuild_command(up, path)
+            if found:
+                return found
+        return ""
 
     def state(self, plan: Plan) -> StageState:
         total = len(self.dataset(plan.split)) if STAGES[plan.stage].per_image else None
@@ -239,31 +256,91 @@ class Planner:
                                 plan.upstream_keys, plan.external, total_items=total)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a stage; the message says how far it got and that rerunning resumes.
+    Still a KeyboardInterrupt, so callers that stop on Ctrl-C keep stopping."""
+
+
 def execute(planner: Planner, plan: Plan, run: Callable[[dict[str, Manifest], "object"], Manifest],
-            force: bool = False, log: Callable[[str], None] | None = None) -> tuple[Manifest, bool]:
+            force: bool = False, log: Callable[[str], None] | None = None, wait: bool = True,
+            hint_args: str = "") -> tuple[Manifest, bool]:
     """Run ``plan`` unless a complete artifact with its key exists. Returns (manifest, ran).
 
     ``run(upstream_manifests, stage_run)`` does the work and returns ``stage_run.finish(...)``.
-    A partial run directory with the same key is resumed (its finished items are kept).
+    A partial run directory with the same key is resumed (its finished items are kept); a forced
+    run builds beside the complete one, which stays until the new one is complete. The run
+    directory is locked for the whole run (``wait=False``: fail if another process holds it).
+    ``hint_args`` (the user's --config/--set/--cache-dir) are added to commands in messages.
     """
     log = log or _log.info
     store = planner.store
-    existing = store.manifest(plan.stage, plan.dataset, plan.key)
-    if existing is not None and existing.complete and not force:
-        log(f"{plan.stage} {plan.dataset}: up to date ({plan.key[:12]})")
-        return existing, False
-    state = planner.state(plan)
-    upstream = planner.upstream_manifests(plan)
-    if force:
-        log(f"{plan.stage} {plan.dataset}: --force, running again")
-    else:
-        log(f"{plan.stage} {plan.dataset}: running ({'; '.join(state.reasons) or state.state})")
-    out = store.begin(plan.stage, plan.dataset, plan.version, plan.params, plan.upstream_keys,
-                      plan.external, force=force)
-    t0 = time.time()
-    manifest = run(upstream, out)
+    if not force:
+        existing = _complete_manifest(store, plan)
+        if existing is not None:
+            log(f"{plan.stage} {plan.dataset}: up to date ({plan.key[:12]})")
+            return existing, False
+    try:
+        upstream = planner.upstream_manifests(plan)
+    except DamagedItem as e:
+        raise _with_hint(e, hint_args) from None
+    # Waiting is news even with -q: the command seems to hang otherwise.
+    lock = store.lock(plan.stage, plan.dataset, plan.key).acquire(wait=wait, log=_log.warning)
+    try:
+        if not force:
+            existing = _complete_manifest(store, plan)  # another process may have made it meanwhile
+            if existing is not None:
+                log(f"{plan.stage} {plan.dataset}: up to date ({plan.key[:12]})")
+                return existing, False
+        state = planner.state(plan)
+        if force:
+            log(f"{plan.stage} {plan.dataset}: --force, running again")
+        else:
+            log(f"{plan.stage} {plan.dataset}: running ({'; '.join(state.reasons) or state.state})")
+        out = store.begin(plan.stage, plan.dataset, plan.version, plan.params, plan.upstream_keys,
+                          plan.external, force=force)
+        t0 = time.time()
+        try:
+            manifest = run(upstream, out)
+        except KeyboardInterrupt:
+            message = _interrupted_message(planner, plan, out)
+            out.abandon()
+            raise Interrupted(message) from None
+        except DamagedItem as e:
+            out.abandon()
+            if not e.command:
+                e = DamagedItem(e.path, planner.rebuild_command(plan, e.path))
+            raise _with_hint(e, hint_args) from None
+        except BaseException:
+            out.abandon()
+            raise
+    finally:
+        lock.release()
     log(f"{plan.stage} {plan.dataset}: done in {time.time() - t0:.1f}s -> {manifest.dir}")
     return manifest, True
+
+
+def _complete_manifest(store: ArtifactStore, plan: Plan) -> Manifest | None:
+    m = store.manifest(plan.stage, plan.dataset, plan.key)  # DamagedManifest says: use --force
+    return m if m is not None and m.complete else None
+
+
+def _with_hint(e: DamagedItem, hint_args: str) -> DamagedItem:
+    return DamagedItem(e.path, f"{e.command} {hint_args}".strip()) if e.command and hint_args else e
+
+
+def _interrupted_message(planner: Planner, plan: Plan, out) -> str:
+    resume = "run the same command again to resume"
+    if out.forced:  # its sibling is gone: a forced run starts over
+        resume = "the old artifact is untouched; run the same command again to start over"
+    if STAGES[plan.stage].per_image:
+        total = len(planner.dataset(plan.split))
+        done = count_items(out.dir)
+        return f"interrupted after {done} of {total} images; {resume}"
+    progress = out.progress()
+    if progress is not None:
+        done, total, unit = progress
+        return f"interrupted after {done} of {total} {unit}; {resume}"
+    return f"interrupted; {resume}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,10 +350,12 @@ class RunOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     workers: int = 1
     scheduler: str | None = None  # tcp://host:8786 -> Dask cluster through joblib
+    wait: bool = True  # False (--no-wait): fail at once if another process is running this stage
 
 
 def run_stage(planner: Planner, module, plan: Plan, options: RunOptions = RunOptions(),
-              force: bool = False, log: Callable[[str], None] | None = None) -> tuple[Manifest, bool]:
+              force: bool = False, log: Callable[[str], None] | None = None,
+              hint_args: str = "") -> tuple[Manifest, bool]:
     """Run a stage module (``sppcli.stages.<name>``, or its full name) for ``plan``.
 
     A stage module exposes ``Params``, ``params_from(config)``, an ``Inputs`` dataclass,
@@ -292,7 +371,7 @@ def run_stage(planner: Planner, module, plan: Plan, options: RunOptions = RunOpt
         inputs = stage.inputs_for(planner, plan, upstream, options)
         return stage.run(stage.params_from(planner.config), inputs, out)
 
-    return execute(planner, plan, _run, force=force, log=log)
+    return execute(planner, plan, _run, force=force, log=log, wait=options.wait, hint_args=hint_args)
 
 
 # The rows of the paper's Table 6, as config overrides on top of a pipeline config.

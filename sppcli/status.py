@@ -1,6 +1,7 @@
 """`sppcli status`: the state of every stage of a pipeline, from its config."""
 from __future__ import annotations
 
+from sppcli.artifacts import verify as verify_run
 from sppcli.pipeline import VARIANT_LABELS, VARIANTS, Planner
 
 
@@ -18,11 +19,13 @@ def _rows_for(planner: Planner, variants) -> list[tuple[str, str, str]]:
     return rows
 
 
-def pipeline_status(planner: Planner, variants=None, hint_args: str = "") -> list[dict]:
+def pipeline_status(planner: Planner, variants=None, hint_args: str = "", verify: bool = False) -> list[dict]:
     """One dict per stage run the config implies: stage, dataset, variant, state, reasons, items, size.
 
     ``hint_args``: the options the user gave (``--config``, ``--set``, ``--cache-dir``), appended
-    to each "run this next" command so that running it computes the same key.
+    to each "run this next" command so that running it computes the same key. ``verify``:
+    re-hash every file of each complete run against its manifest; a run with a file that
+    differs is ``damaged`` and its row lists those files under ``damaged_files``.
     """
     variants = list(variants or VARIANTS)
     out = []
@@ -44,13 +47,20 @@ def pipeline_status(planner: Planner, variants=None, hint_args: str = "") -> lis
         command = plan.command
         if variant and stage in ("svm", "detect", "evaluate"):
             command += f" --variant {variant}"
+        state, reasons, damaged = st.state, list(st.reasons), []
+        if verify and st.state == "complete" and st.manifest is not None:
+            damaged = [str(path) for path in verify_run(st.manifest)]
+            if damaged:
+                state, reasons = "damaged", [f"{len(damaged)} damaged file{'s' * (len(damaged) > 1)}"]
+        if state == "damaged":
+            command += " --force"
         if hint_args:
             command += f" {hint_args}"
         elif p.config.source != "<defaults>":
             command += f" --config {p.config.source}"
         out.append({"stage": stage, "dataset": plan.dataset, "split": split,
-                    "variant": VARIANT_LABELS.get(variant, ""), "key": plan.key[:12], "state": st.state,
-                    "reasons": list(st.reasons), "done_items": st.done_items, "total_items": st.total_items,
+                    "variant": VARIANT_LABELS.get(variant, ""), "key": plan.key[:12], "state": state,
+                    "reasons": reasons, "damaged_files": damaged, "done_items": st.done_items, "total_items": st.total_items,
                     "size_bytes": st.size_bytes, "command": command})
     return out
 
@@ -70,8 +80,11 @@ def format_status(rows: list[dict]) -> str:
         detail = "; ".join(r.get("reasons", []))
         if r["state"] == "complete" and r.get("total_items"):
             detail = f"{r['total_items']} images"
-        if r["state"] in ("missing", "stale", "partial") and r.get("command"):
+        if r["state"] in ("missing", "stale", "partial", "damaged") and r.get("command"):
             detail = f"{detail}  -> {r['command']}"
         lines.append(f"{r['stage']:<10} {r.get('dataset', r['split']):<{width}} {r.get('variant', ''):<9} "
                      f"{r['state']:<9} {_size(r.get('size_bytes', 0)):>9}  {detail}")
+    for r in rows:
+        for path in r.get("damaged_files", []):
+            lines.append(f"damaged: {path}  -> {r['command']}")
     return "\n".join(lines)

@@ -78,10 +78,10 @@ _META_DATASETS = ("boxes", "is_gt", "gt_label", "scale_index", "cells", "overlap
 
 def read_pool_windows(path: Path, image_id: str | None = None) -> PoolWindows:
     """Read the window table of one pool item (not its stored features, if any)."""
-    import h5py
+    from sppcli.artifacts import open_item
 
     path = Path(path)
-    with h5py.File(path, "r") as f:
+    with open_item(path) as f:
         arrays = {name: f[name][()] for name in _META_DATASETS}
         width, height = int(f.attrs["width"]), int(f.attrs["height"])
     n = arrays["boxes"].shape[0]
@@ -259,9 +259,9 @@ def norm_sample(rng: np.random.Generator, counts: Sequence[int], max_images: int
 
 def count_windows(path: Path) -> int:
     """Number of windows (N) of one pool item, without reading them."""
-    import h5py
+    from sppcli.artifacts import open_item
 
-    with h5py.File(path, "r") as f:
+    with open_item(path) as f:
         return int(f["boxes"].shape[0])
 
 

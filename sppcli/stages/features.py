@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from sppcli.artifacts import Manifest, StageRun, atomic_path, item_means
+from sppcli.artifacts import Manifest, StageRun, atomic_path, item_means, open_item
 from sppcli.config import STORAGE_DTYPES, Config, FeatureParams, NetParams
 from sppcli.nets.net_source import NetSource, load_source, net_record, resolve_net_source
 from sppcli.nets.sppnet import normalize
@@ -315,7 +315,7 @@ class FeatureItem:
 
 def read_feature_item(path: Path, load_maps: bool = True) -> FeatureItem:
     """Read ``items/<id>.h5`` of a features artifact (maps only if ``load_maps``)."""
-    with h5py.File(path, "r") as f:
+    with open_item(path) as f:
         scales = tuple(int(s) for s in f.attrs["scales"])
         names = [f"conv5_{i}" for i in range(len(scales))]
         maps = tuple(read_map(f, name) for name in names) if load_maps else ()
@@ -328,7 +328,7 @@ def read_feature_item(path: Path, load_maps: bool = True) -> FeatureItem:
 def read_scale_map(path: Path, scale_index: int, flip: bool = False) -> np.ndarray:
     """The conv5 map of one scale of a features item (of the flipped image when ``flip``),
     ``[C, H, W]`` in the storage dtype."""
-    with h5py.File(path, "r") as f:
+    with open_item(path) as f:
         name = map_name(scale_index, flip)
         if name not in f:
             raise ValueError(f"{path} holds no map of the flipped image; extract features with fine-tuning's "

@@ -407,6 +407,7 @@ def run(params: Params, inputs: Inputs, out: StageRun) -> Manifest:
 
     state_path = out.dir / TRAIN_STATE
     training = start_or_resume(arch, p, state_path, device)
+    out.track_progress(lambda: (training.next_epoch, p.epochs), "epochs")  # what Ctrl-C reports
     data = crops.TrainCrops(train, base=max(sizes), seed=p.seed, jitter=p.jitter)
     train_epochs(training, data, held if held else train, sizes, p, state_path, device, inputs.workers)
 

@@ -28,7 +28,7 @@ import cv2
 import h5py
 import numpy as np
 
-from sppcli.artifacts import Manifest, StageRun, atomic_path, json_number
+from sppcli.artifacts import Manifest, StageRun, atomic_path, json_number, open_item
 from sppcli.config import Config, ProposalParams
 from sppcli.parallel import map_images, progress
 from sppcli.data.proposal_recall import (RECALL_THRESHOLDS, best_overlaps, low_recall_advice, mabo, mean_best_overlap,
@@ -186,7 +186,7 @@ def write_proposal_item(path: Path, boxes: np.ndarray, width: int, height: int, 
 
 def read_proposal_item(path: Path) -> tuple[np.ndarray, dict]:
     """``(boxes float32 [N, 4], attrs)`` of one proposals item."""
-    with h5py.File(path, "r") as f:
+    with open_item(path) as f:
         return f["boxes"][()].reshape(-1, 4), {k: v for k, v in f.attrs.items()}
 
 

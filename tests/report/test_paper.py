@@ -65,8 +65,8 @@ def test_a_second_run_reads_everything_from_the_cache(paper, tiny_devkit, tmp_pa
     ran = []
     original = pipeline.execute
 
-    def counting(planner, plan, work, force=False, log=None):
-        manifest, did = original(planner, plan, work, force=force, log=log)
+    def counting(planner, plan, work, force=False, log=None, **kw):
+        manifest, did = original(planner, plan, work, force=force, log=log, **kw)
         ran.append(did)
         return manifest, did
 
