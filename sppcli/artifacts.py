@@ -566,6 +566,10 @@ class ArtifactStore:
                 os.replace(replaced, final_dir)
         for leftover in final_dir.parent.glob(f".{final_dir.name}.forced-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+        # Half-written files of a run that was killed (SIGKILL leaves atomic_path no chance to
+        # clean up): dead too, for the same reason, and never read, but they hold disk.
+        for half_written in (*final_dir.glob(".*.tmp*"), *(final_dir / ITEMS).glob(".*.tmp*")):
+            half_written.unlink(missing_ok=True)
         work_dir = final_dir
         if force and final_dir.exists():
             work_dir = final_dir.with_name(f".{final_dir.name}.forced-{os.getpid()}")

@@ -22,7 +22,10 @@ def _boxes(cache: Path) -> dict[str, np.ndarray]:
     run_dirs = [p.parent for p in cache.glob("proposals/*/*/manifest.json")]
     assert len(run_dirs) == 1
     out = {}
-    for item in sorted((run_dirs[0] / "items").glob("*.h5")):
+    items = sorted((run_dirs[0] / "items").glob("*.h5"))
+    # A resumed run removes the half-written (hidden) file the kill left behind.
+    assert not [p.name for p in items if p.name.startswith(".")]
+    for item in items:
         with h5py.File(item, "r") as f:
             out[item.stem] = f["boxes"][()]
     return out
