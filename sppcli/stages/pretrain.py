@@ -272,7 +272,10 @@ def train_one_epoch(net: SppNet, optimizer: torch.optim.Optimizer, data: crops.T
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator,
                         num_workers=_loader_workers(workers), pin_memory=device.startswith("cuda"))
     total_loss, wrong, seen = 0.0, 0, 0
-    bar = progress(worker_errors_unwrapped(loader), total=len(loader), desc=f"pretrain epoch {epoch + 1} @{size}", unit="batch")
+    # Only worker processes wrap errors; iterating the loader itself in-process keeps the
+    # training order (and the demo's pretrained net) exactly what it was before the wrapper.
+    batches = worker_errors_unwrapped(loader) if loader.num_workers else loader
+    bar = progress(batches, total=len(loader), desc=f"pretrain epoch {epoch + 1} @{size}", unit="batch")
     for views, labels in bar:
         views = normalize(views.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
