@@ -227,8 +227,8 @@ def peak_memory_bytes(device: str) -> int:
 #: How a conv5 map is written. ``sparse``: the ReLU zeros as a bit mask, the non-zero values as
 #: one shuffled, gzip-1 compressed vector; ``dense``: the plain array. Both are lossless; the
 #: choice and its numbers are in bench/RESULTS.md (bench/bench_feature_storage.py): sparse takes
-#: 2.1x fewer bytes than dense float16 with a random full-width ZF-5 (46% zeros) and 5.2x with
-#: the demo's trained net (87% zeros), and reads faster than gzip of the dense array.
+#: 2.1x fewer bytes than dense float16 with a random full-width ZF-5 (46% zeros) and 6x with
+#: the demo's trained net (89% zeros), and reads faster than gzip of the dense array.
 STORAGES = ("sparse", "dense")
 
 
