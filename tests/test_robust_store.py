@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from sppcli.artifacts import ArtifactStore, DamagedItem, RunInUse, RunLock, atomic_path, open_item, verify
 from sppcli.cli import main
@@ -53,7 +53,7 @@ def _snapshot(run_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
-def _invoke(*args: str) -> "click.testing.Result":
+def _invoke(*args: str) -> Result:
     return CliRunner().invoke(main, list(args))
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 from PIL import Image
 
 from sppcli.data.voc import (
-    VOC_CLASSES, VocAnnotation, VocDataset, VocError, VocObject, VocWarning, class_presence,
+    VOC_CLASSES, VocAnnotation, VocDataset, VocError, VocObject, class_presence,
     internal_box_to_voc, resolve_classes, voc_box_to_internal, write_annotation,
     write_class_image_sets, write_image_set,
 )
