@@ -47,33 +47,29 @@ ROWS := pool5 fc6 ftfc6 ftfc7 ftfc7bb
 DEMO_SCALES := 160,240,320
 DEMO_MS := $(DEMO) --set features.scales=[$(DEMO_SCALES)]
 
+# One Table 6 column: features, windows, fine-tuning, box regression and every row. The argument
+# is the *name* of the options variable, since the scales' commas would split a $(call) argument.
+define detector_column
+	$(SPP) extract-features $($(1)) --split trainval --device $(DEVICE)
+	$(SPP) extract-features $($(1)) --split test --device $(DEVICE)
+	$(SPP) pool-windows $($(1)) --split trainval --workers $(WORKERS)
+	$(SPP) pool-windows $($(1)) --split test --workers $(WORKERS)
+	$(SPP) finetune-fc $($(1)) --device $(DEVICE)
+	$(SPP) train-bbox-reg $($(1))
+	for row in $(ROWS); do \
+	  $(SPP) train-svm $($(1)) --variant $$row --device $(DEVICE) && \
+	  $(SPP) detect $($(1)) --variant $$row --device $(DEVICE) && \
+	  $(SPP) evaluate $($(1)) --variant $$row -q || exit 1; \
+	done
+endef
+
 demo: install
 	$(SPP) make-dataset $(DEMO)
 	$(SPP) proposals $(DEMO) --split trainval --workers $(WORKERS)
 	$(SPP) proposals $(DEMO) --split test --workers $(WORKERS)
 	$(SPP) pretrain $(DEMO) --workers 1 --device $(DEVICE)
-	$(SPP) extract-features $(DEMO) --split trainval --device $(DEVICE)
-	$(SPP) extract-features $(DEMO) --split test --device $(DEVICE)
-	$(SPP) pool-windows $(DEMO) --split trainval --workers $(WORKERS)
-	$(SPP) pool-windows $(DEMO) --split test --workers $(WORKERS)
-	$(SPP) finetune-fc $(DEMO) --device $(DEVICE)
-	$(SPP) train-bbox-reg $(DEMO)
-	for row in $(ROWS); do \
-	  $(SPP) train-svm $(DEMO) --variant $$row --device $(DEVICE) && \
-	  $(SPP) detect $(DEMO) --variant $$row --device $(DEVICE) && \
-	  $(SPP) evaluate $(DEMO) --variant $$row -q || exit 1; \
-	done
-	$(SPP) extract-features $(DEMO_MS) --split trainval --device $(DEVICE)
-	$(SPP) extract-features $(DEMO_MS) --split test --device $(DEVICE)
-	$(SPP) pool-windows $(DEMO_MS) --split trainval --workers $(WORKERS)
-	$(SPP) pool-windows $(DEMO_MS) --split test --workers $(WORKERS)
-	$(SPP) finetune-fc $(DEMO_MS) --device $(DEVICE)
-	$(SPP) train-bbox-reg $(DEMO_MS)
-	for row in $(ROWS); do \
-	  $(SPP) train-svm $(DEMO_MS) --variant $$row --device $(DEVICE) && \
-	  $(SPP) detect $(DEMO_MS) --variant $$row --device $(DEVICE) && \
-	  $(SPP) evaluate $(DEMO_MS) --variant $$row -q || exit 1; \
-	done
+	$(call detector_column,DEMO)
+	$(call detector_column,DEMO_MS)
 	$(SPP) show $(DEMO) --variant ftfc7bb --score 0 --limit 12
 	$(SPP) classify $(DEMO) --device $(DEVICE)
 	$(SPP) report $(DEMO) --scales $(DEMO_SCALES) --html

@@ -51,9 +51,6 @@ class DiskError(ArtifactError):
     """The disk refused a write (full, failing, read-only, over quota). Nothing damaged is left
     under a final name, so rerunning the same command after fixing the disk resumes."""
 
-    def __init__(self, message: str):
-        super().__init__(message)
-
 
 _DISK_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
                 errno.EIO: "disk I/O error", errno.EROFS: "read-only file system"}
@@ -81,6 +78,17 @@ def disk_error(e: OSError, path: Path | str) -> DiskError:
     code = disk_errno(e)
     assert code is not None
     return DiskError(f"{_DISK_ERRNOS[code]} writing {path}; {_DISK_ADVICE[code]}")
+
+
+@contextlib.contextmanager
+def disk_errors_name(path: Path | str) -> Iterator[None]:
+    """Inside the block, a disk-level OSError becomes one :class:`DiskError` naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if disk_errno(e) is None:
+            raise
+        raise disk_error(e, path) from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -123,13 +131,9 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     ``durable=False`` skips the fsyncs, for hints that a reader checks and can rebuild (an
     item's sum): after a power cut such a file may be missing or empty, never half another's."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with disk_errors_name(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        if disk_errno(e) is not None:
-            raise disk_error(e, path) from None
-        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -166,12 +170,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     :class:`DiskError` naming ``path``.
     """
     path = Path(path)
-    try:
+    with disk_errors_name(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        if disk_errno(e) is not None:
-            raise disk_error(e, path) from None
-        raise
     # Keep the real suffix last: np.savez and PIL pick behaviour from it.
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.{time.monotonic_ns()}.tmp{path.suffix}")
     try:
@@ -573,12 +573,8 @@ class ArtifactStore:
         work_dir = final_dir
         if force and final_dir.exists():
             work_dir = final_dir.with_name(f".{final_dir.name}.forced-{os.getpid()}")
-        try:
+        with disk_errors_name(work_dir):
             work_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            if disk_errno(e) is not None:
-                raise disk_error(e, work_dir) from None
-            raise
         manifest = Manifest(stage=stage, dataset=dataset, key=key, version=int(version),
                             params=json.loads(canonical_json(dict(params))), upstream=dict(upstream),
                             external=dict(external), dir=work_dir)
@@ -751,12 +747,8 @@ class RunLock:
         raise :class:`RunInUse`."""
         from filelock import FileLock, Timeout
 
-        try:
+        with disk_errors_name(self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            if disk_errno(e) is not None:
-                raise disk_error(e, self.path) from None
-            raise
         lock = FileLock(str(self.path), thread_local=False)
         try:
             lock.acquire(timeout=0)
