@@ -7,9 +7,12 @@ What it runs, and what is not the real thing:
   search gives on VOC), imported with `sppcli import-proposals`: a third jittered around the
   ground truth so that every IoU range is populated, the rest uniform over positions with
   log-uniform sides. Selective search itself is timed separately on a few of the same images;
-* net: a random full-width ZF-5 (256 conv5 channels, fc6/fc7 4,096-d), seeded; conv5 of a
-  random net is ~46% zeros where a trained one has ~85%, so its maps compress less than real
-  ones would (bench/bench_feature_storage.py measures both): the disk figures are pessimistic;
+* net: a random full-width ZF-5 (256 conv5 channels, fc6/fc7 4,096-d), seeded, or the
+  full-width ZF-5 checkpoint given with ``--weights`` (one trained with `sppcli pretrain`, or a
+  converted release model). conv5 of a random net is ~46% zeros where a trained one has ~85%,
+  so a random net's maps compress less than real ones would (bench/bench_feature_storage.py
+  measures both): with it the disk figures are pessimistic. The net's measured zero fraction is
+  printed with every table;
 * config: pipelines/voc2007.toml (the paper's settings) with the 8 synthetic classes, and
   fine-tuning cut to ``--finetune-iterations`` mini-batches (its time per mini-batch is
   measured and multiplied by the paper's 300,000).
@@ -24,6 +27,16 @@ CPU hours per stage from the measured per-image figures, peak RSS from what each
     voc07: disk_1scale_gb=<x> disk_5scale_gb=<y> peak_rss_gb=<z> cpu_hours_1scale=<h>
 
     python bench/bench_scale.py --images 100 300
+
+With a self-trained full-width ZF-5 instead of the random one (how bench/RESULTS.md's trained
+rehearsal got its weights: 24 epochs on the synthetic ImageNet analog, ~15 minutes here;
+pretrain's folder mode still asks for a devkit, which it does not train on):
+
+    sppcli make-dataset --kind classification --out cache/data/synth/imagenet
+    sppcli make-dataset --out cache/data/synth/VOC2007
+    sppcli pretrain --config pipelines/voc2007.toml --dataset cache/data/synth/VOC2007 \
+        --folder cache/data/synth/imagenet --sizes 80,64 --epochs 24
+    python bench/bench_scale.py --images 10 30 --weights cache/pretrain/<...>/model.pt
 """
 from __future__ import annotations
 
@@ -105,6 +118,40 @@ def make_weights(path: Path) -> Path:
     return path
 
 
+def conv5_zero_fraction(weights: Path, devkit: Path, scale: int, images: int = 3) -> float:
+    """Fraction of exact zeros in conv5 of ``weights`` on the split's first images at ``scale``
+    (the sparsity the stored maps' compression depends on)."""
+    import torch
+    from PIL import Image
+
+    from sppcli.nets import normalize
+    from sppcli.nets.net_source import load_net
+
+    net, _ = load_net(weights)
+    fractions = []
+    for path in sorted((devkit / "JPEGImages").glob("*.jpg"))[:images]:
+        image = Image.open(path).convert("RGB")
+        factor = scale / min(image.size)
+        image = image.resize((round(image.width * factor), round(image.height * factor)), Image.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float()
+        with torch.no_grad():
+            fractions.append(float((net.trunk(normalize(pixels)) == 0).float().mean()))
+    return float(np.mean(fractions))
+
+
+def check_full_width(weights: Path) -> Path:
+    """``weights`` if it holds the net pipelines/voc2007.toml runs (a ZF-5 with 256 conv5
+    channels and 4,096-d fc6/fc7); exits with the reason otherwise."""
+    from sppcli.nets.net_source import load_net
+
+    net, arch = load_net(weights)
+    if arch["trunk"] != "zf5" or net.trunk.out_channels != 256 or arch["hidden"] != 4096:
+        raise SystemExit(f"{weights}: a {arch['trunk']} with {net.trunk.out_channels} conv5 channels and "
+                         f"{arch['hidden']}-d fc layers; the rehearsal needs voc2007.toml's full-width ZF-5 "
+                         "(256 channels, 4,096-d)")
+    return weights
+
+
 def run_command(args: list[str], env: dict) -> tuple[float, float]:
     """Run one sppcli command; (wall seconds, peak RSS in bytes) of that process."""
     started = time.perf_counter()
@@ -167,9 +214,11 @@ def rehearse(workdir: Path, n_trainval: int, n_test: int, scales: int, windows: 
     for command, stage in (("finetune-fc", "finetune"), ("train-bbox-reg", "bbox_reg"), ("train-svm", "svm")):
         manifest = json.loads(next((cache / stage).rglob("manifest.json")).read_text())
         rows[command, None].update(metrics=manifest["metrics"], params=manifest["params"],
-                                   map_cache_bytes=manifest["metrics"].get("map_cache_bytes", 0))
+                                   map_cache_bytes=manifest["metrics"].get("map_cache_bytes", 0),
+                                   feature_cache_bytes=manifest["metrics"].get("feature_cache_bytes", 0))
     rows["finetune-fc", None]["seconds_per_iteration"] = rows["finetune-fc", None]["metrics"]["seconds_per_iteration"]
-    return {"rows": rows, "selective_search": selective_search_seconds(devkit), "root": root}
+    return {"rows": rows, "selective_search": selective_search_seconds(devkit), "root": root,
+            "zeros": conv5_zero_fraction(weights, devkit, SCALES[scales][len(SCALES[scales]) // 2])}
 
 
 # Person is 4,690 of VOC 2007 trainval's 15,662 objects: the class whose regression windows are
@@ -189,9 +238,10 @@ def peak_rss(command: str, split: str | None, rows: list[dict], metrics: dict, v
 
     * per-image stages (proposals, features, pooling) stream image by image: the largest peak
       measured; detect and evaluate also hold every detection (their output) at once;
-    * finetune-fc holds the window lists (linear in images) and a conv5 map cache capped at
-      ``map_cache_bytes``: the rest's growth between the two sizes, plus the cache scaled to VOC
-      up to its cap (``finetune.DEFAULT_MAP_CACHE_BYTES``);
+    * finetune-fc holds the window lists (linear in images), a conv5 map cache capped at
+      ``map_cache_bytes`` and the selected windows' pooled vectors (all of them when they fit in
+      ``finetune.DEFAULT_MAX_CACHE_BYTES``, else two chunks of mini-batches within it): the
+      rest's growth between the two sizes, plus both caches scaled to VOC up to their caps;
     * train-bbox-reg holds one class's vectors (person's share of VOC's objects) and a map cache
       capped at 2 GiB;
     * train-svm holds every class's hard-negative cache: scaled by images and classes, and at
@@ -199,14 +249,16 @@ def peak_rss(command: str, split: str | None, rows: list[dict], metrics: dict, v
     """
     from sppcli.stages.bbox_reg import MAP_CACHE_BYTES as BBOX_MAP_CACHE
     from sppcli.stages.finetune import DEFAULT_MAP_CACHE_BYTES as FINETUNE_MAP_CACHE
+    from sppcli.stages.finetune import DEFAULT_MAX_CACHE_BYTES as FINETUNE_FEATURE_CACHE
 
     big = rows[-1]
     scale = voc_images / big["images"]
     if command == "finetune-fc":
-        cache = metrics.get("map_cache_bytes", 0)
-        rest = [r["rss"] - r.get("map_cache_bytes", 0) for r in rows]
+        cache, features = metrics.get("map_cache_bytes", 0), metrics.get("feature_cache_bytes", 0)
+        rest = [r["rss"] - r.get("map_cache_bytes", 0) - r.get("feature_cache_bytes", 0) for r in rows]
         slope = max(0.0, (rest[-1] - rest[0]) / max(1, rows[-1]["images"] - rows[0]["images"])) if len(rows) > 1 else 0.0
-        return rest[-1] + slope * (voc_images - big["images"]) + min(FINETUNE_MAP_CACHE, cache * scale)
+        return (rest[-1] + slope * (voc_images - big["images"]) + min(FINETUNE_MAP_CACHE, cache * scale)
+                + min(FINETUNE_FEATURE_CACHE, features * scale))
     if command == "train-bbox-reg":
         cache = metrics.get("map_cache_bytes", 0)
         vectors = metrics["peak_vector_bytes"]
@@ -254,7 +306,9 @@ def extrapolate(runs: dict[int, dict], scales: int) -> dict:
 
 def report(runs: dict[int, dict], scales: int, voc: dict) -> None:
     sizes = sorted(runs)
-    print(f"\n== {scales} scale(s) {SCALES[scales]}: random full-width ZF-5, {args.windows} random windows per image")
+    zeros = np.mean([r["zeros"] for r in runs.values()])
+    print(f"\n== {scales} scale(s) {SCALES[scales]}: {NET_DESCRIPTION} ({100 * zeros:.1f}% zeros in conv5), "
+          f"{args.windows} random windows per image")
     head = "".join(f"{'n=' + str(n) + ' s/img':>13}{'KB/img':>9}{'RSS GB':>8}" for n in sizes)
     print(f"{'stage':<28}{head}{'VOC disk GB':>13}{'CPU h':>8}{'GPU h*':>8}{'RSS GB':>8}")
     for (command, split), est in voc.items():
@@ -283,11 +337,19 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=2000)
     parser.add_argument("--finetune-iterations", type=int, default=100)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the rehearsal's files here")
-    global args
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="a full-width ZF-5 checkpoint (e.g. from `sppcli pretrain`) instead of a random one")
+    global args, NET_DESCRIPTION
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sppcli-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    weights = make_weights(workdir / "zf5_random.pt")
+    if args.weights is None:
+        weights = make_weights(workdir / "zf5_random.pt")
+        NET_DESCRIPTION = "random full-width ZF-5"
+    else:
+        weights = check_full_width(args.weights.resolve())
+        NET_DESCRIPTION = f"full-width ZF-5 from {args.weights}"
+    print(f"net: {NET_DESCRIPTION}")
     totals = {}
     try:
         for scales in args.scales:

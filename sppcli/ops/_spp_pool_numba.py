@@ -81,6 +81,25 @@ def _write_channel_major_paired(bins, pairs, row_wide, bits):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
+def _write_channel_major_quads(bins, quads, row_quad):
+    """:func:`_write_channel_major_paired` four bins at a time, for 16-bit keys and a bin count
+    divisible by 4 (the 2x2 and 6x6 levels: 80% of a 12,800-d row): bins ``4q .. 4q + 3`` of a
+    channel go into one 64-bit word, so the strided transpose moves a quarter of the elements.
+    ``row_quad`` is the row viewed as 64-bit words."""
+    count, channels = bins.shape
+    quarter = count // 4
+    for q in range(quarter):
+        b0, b1, b2, b3 = bins[4 * q], bins[4 * q + 1], bins[4 * q + 2], bins[4 * q + 3]
+        packed = quads[q]
+        for c in range(channels):
+            packed[c] = ((np.int64(b0[c]) & 0xFFFF) | ((np.int64(b1[c]) & 0xFFFF) << 16)
+                         | ((np.int64(b2[c]) & 0xFFFF) << 32) | (np.int64(b3[c]) << 48))
+    for c in range(channels):
+        for q in range(quarter):
+            row_quad[c * quarter + q] = quads[q, c]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _merge_bins(bins, target, first, group, row_length):
     """``bins[target]`` = max of the ``group x group`` block of bins from ``bins[first]``, in a
     grid of ``row_length`` bins a row."""
@@ -96,7 +115,7 @@ def _merge_bins(bins, target, first, group, row_length):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def pool_windows(keys, keys_are_bits, cells, order, sources, sizes, parents, level_slots, out, out_wide):
+def pool_windows(keys, keys_are_bits, cells, order, sources, sizes, parents, level_slots, out, out_wide, out_quad):
     """Pooled keys of every window, written to ``out`` in its final layout.
 
     Args:
@@ -113,6 +132,8 @@ def pool_windows(keys, keys_are_bits, cells, order, sources, sizes, parents, lev
         out: ``[N, D]`` integer view of the float output; receives the float bits.
         out_wide: ``out`` viewed as integers of twice the width (``[N, D / 2]``), or
             ``[N, 0]`` when ``D`` is odd (then every level is written unpaired).
+        out_quad: a 16-bit ``out`` viewed as 64-bit integers (``[N, D / 4]``), or ``[N, 0]``
+            when the keys are wider or ``D`` is not a multiple of 4.
     """
     channels = keys.shape[2]
     bits = out.itemsize * 8
@@ -124,6 +145,8 @@ def pool_windows(keys, keys_are_bits, cells, order, sources, sizes, parents, lev
     bins = np.empty((starts[count], channels), dtype=keys.dtype)
     pairs = np.empty(((starts[count] + 1) // 2, channels), dtype=out_wide.dtype)
     pairable = out_wide.shape[1] > 0
+    quadable = out_quad.shape[1] > 0
+    quads = np.empty(((starts[count] + 3) // 4, channels), dtype=np.int64)
     flat = bins.reshape(-1)
     for step in range(order.shape[0]):
         k = order[step]
@@ -161,7 +184,9 @@ def pool_windows(keys, keys_are_bits, cells, order, sources, sizes, parents, lev
             n2 = sizes[t] * sizes[t]
             base = starts[t]
             level_bins = bins[base:base + n2]
-            if pairable and n2 % 2 == 0 and column % 2 == 0:
+            if quadable and n2 % 4 == 0 and column % 4 == 0:
+                _write_channel_major_quads(level_bins, quads, out_quad[k, column // 4:(column + channels * n2) // 4])
+            elif pairable and n2 % 2 == 0 and column % 2 == 0:
                 wide = out_wide[k, column // 2:(column + channels * n2) // 2]
                 _write_channel_major_paired(level_bins, pairs, wide, bits)
             else:

@@ -459,7 +459,10 @@ def _pool_on_cpu(kernels, fmap: Tensor, cells: Tensor, levels: Sequence[int], de
     out_keys = out.view(keys.dtype)
     wide_dtype = _WIDE_KEY_DTYPES[values.dtype]
     out_wide = out.view(wide_dtype) if dim % 2 == 0 else np.empty((total, 0), dtype=wide_dtype)
-    kernels.pool_windows(keys, keys_are_bits, cells_np, order, sources, sizes, parents, level_slots, out_keys, out_wide)
+    quadable = out.itemsize == 2 and dim % 4 == 0
+    out_quad = out.view(np.int64) if quadable else np.empty((total, 0), dtype=np.int64)
+    kernels.pool_windows(keys, keys_are_bits, cells_np, order, sources, sizes, parents, level_slots, out_keys, out_wide,
+                         out_quad)
     return torch.from_numpy(out)
 
 

@@ -486,7 +486,7 @@ def train_on_pool_items(head: FcHead, pooled: PooledFeatures, image_ids: Sequenc
     """:func:`train` on the selected windows' pooled vectors.
 
     Returns (stats, the iteration this run started from, ``{"in_memory", "cache_seconds",
-    "train_seconds"}``).
+    "train_seconds", "map_reads", "map_cache_bytes", "feature_cache_bytes"}``).
     """
     t_read = time.perf_counter()
     selected = WindowSet.join(positives, negatives)
@@ -499,11 +499,15 @@ def train_on_pool_items(head: FcHead, pooled: PooledFeatures, image_ids: Sequenc
         log.info("finetune: %.1f GB of selected features exceed max_cache_bytes; pooling them per chunk of "
                  "mini-batches", len(selected) * reader.row_bytes / 1e9)
     cache_seconds = time.perf_counter() - t_read
+    # What the pooled vectors hold at most: all of them, or the two chunks in flight.
+    feature_cache_bytes = (reader.cache.nbytes if reader.in_memory else
+                           2 * reader.chunk_batches(params.batch_size, max_cache_bytes // 2) * params.batch_size
+                           * reader.row_bytes)
     t_train = time.perf_counter()
     stats, resumed_from = train(head, reader, sampler, params, device, out.dir / RESUME, out.key, max_cache_bytes)
     return stats, resumed_from, {"in_memory": reader.in_memory, "cache_seconds": cache_seconds,
                                  "train_seconds": time.perf_counter() - t_train, "map_reads": pooled.maps.reads,
-                                 "map_cache_bytes": pooled.maps.bytes}
+                                 "map_cache_bytes": pooled.maps.bytes, "feature_cache_bytes": feature_cache_bytes}
 
 
 @single_torch_thread()  # small matrix work: a second OpenMP thread only waits on a busy core
@@ -560,6 +564,7 @@ def run(params: FinetuneParams, inputs: Inputs, out: StageRun) -> Manifest:
         "flip": bool(params.flip),
         "map_reads": reading["map_reads"],
         "map_cache_bytes": reading["map_cache_bytes"],
+        "feature_cache_bytes": int(reading["feature_cache_bytes"]),
         "classes": classes,
         "labels": [BACKGROUND] + classes,
         "checkpoint": OUTPUT,

@@ -95,6 +95,19 @@ def test_ties_and_float16():
     assert torch.equal(got, spp_pool_reference(half, cells))
 
 
+@pytest.mark.parametrize("channels", [16, 6, 3])
+def test_float16_rows_of_every_alignment(channels):
+    # 16 channels: every level's columns start on a multiple of 4 (the 2x2 and 6x6 levels are
+    # written four bins to a word); 6: only a multiple of 2 (paired); 3: odd (one at a time).
+    generator = torch.Generator().manual_seed(channels)
+    fmap = torch.randn(channels, 19, 23, generator=generator).clamp(min=0).half()
+    cells = every_window(19, 23)[::5]
+    expected = spp_pool_reference(fmap, cells)
+    for levels in ((1, 2, 3, 6), (6, 3, 2, 1), (2,), (4, 2)):
+        assert torch.equal(spp_pool(fmap, cells, levels), spp_pool_reference(fmap, cells, levels))
+    assert torch.equal(spp_pool(fmap, cells), expected)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_conv5_sized_map_with_mapped_proposals_and_duplicates(device):
     generator = torch.Generator().manual_seed(2)

@@ -159,6 +159,10 @@ def test_streaming_reads_give_the_same_weights(cache, tiny_devkit, tiny_weights,
     monkeypatch.setattr(finetune, "DEFAULT_MAX_CACHE_BYTES", 32 * 1600 * 2 * 2)
     streamed, _ = _run(planner, force=True)
     assert in_memory.metrics["features_in_memory"] and not streamed.metrics["features_in_memory"]
+    # what each held: every selected window's vector, or the two chunks in flight (within the budget)
+    windows = in_memory.metrics["positive_windows"] + in_memory.metrics["negative_windows"]
+    assert in_memory.metrics["feature_cache_bytes"] == windows * 1600 * 2
+    assert 0 < streamed.metrics["feature_cache_bytes"] <= 32 * 1600 * 2 * 2
     got = _state(streamed)
     for key in want:
         assert torch.equal(got[key], want[key]), key
