@@ -118,16 +118,14 @@ def make_weights(path: Path) -> Path:
     return path
 
 
-def conv5_zero_fraction(weights: Path, devkit: Path, scale: int, images: int = 3) -> float:
-    """Fraction of exact zeros in conv5 of ``weights`` on the split's first images at ``scale``
+def conv5_zero_fraction(net, devkit: Path, scale: int = 688, images: int = 3) -> float:
+    """Fraction of exact zeros in ``net``'s conv5 on the split's first images at ``scale``
     (the sparsity the stored maps' compression depends on)."""
     import torch
     from PIL import Image
 
     from sppcli.nets import normalize
-    from sppcli.nets.net_source import load_net
 
-    net, _ = load_net(weights)
     fractions = []
     for path in sorted((devkit / "JPEGImages").glob("*.jpg"))[:images]:
         image = Image.open(path).convert("RGB")
@@ -139,8 +137,8 @@ def conv5_zero_fraction(weights: Path, devkit: Path, scale: int, images: int = 3
     return float(np.mean(fractions))
 
 
-def check_full_width(weights: Path) -> Path:
-    """``weights`` if it holds the net pipelines/voc2007.toml runs (a ZF-5 with 256 conv5
+def load_full_width(weights: Path):
+    """The net in ``weights`` if it is the one pipelines/voc2007.toml runs (a ZF-5 with 256 conv5
     channels and 4,096-d fc6/fc7); exits with the reason otherwise."""
     from sppcli.nets.net_source import load_net
 
@@ -149,7 +147,7 @@ def check_full_width(weights: Path) -> Path:
         raise SystemExit(f"{weights}: a {arch['trunk']} with {net.trunk.out_channels} conv5 channels and "
                          f"{arch['hidden']}-d fc layers; the rehearsal needs voc2007.toml's full-width ZF-5 "
                          "(256 channels, 4,096-d)")
-    return weights
+    return net
 
 
 def run_command(args: list[str], env: dict) -> tuple[float, float]:
@@ -217,8 +215,7 @@ def rehearse(workdir: Path, n_trainval: int, n_test: int, scales: int, windows: 
                                    map_cache_bytes=manifest["metrics"].get("map_cache_bytes", 0),
                                    feature_cache_bytes=manifest["metrics"].get("feature_cache_bytes", 0))
     rows["finetune-fc", None]["seconds_per_iteration"] = rows["finetune-fc", None]["metrics"]["seconds_per_iteration"]
-    return {"rows": rows, "selective_search": selective_search_seconds(devkit), "root": root,
-            "zeros": conv5_zero_fraction(weights, devkit, SCALES[scales][len(SCALES[scales]) // 2])}
+    return {"rows": rows, "selective_search": selective_search_seconds(devkit), "root": root, "devkit": devkit}
 
 
 # Person is 4,690 of VOC 2007 trainval's 15,662 objects: the class whose regression windows are
@@ -306,7 +303,7 @@ def extrapolate(runs: dict[int, dict], scales: int) -> dict:
 
 def report(runs: dict[int, dict], scales: int, voc: dict) -> None:
     sizes = sorted(runs)
-    zeros = np.mean([r["zeros"] for r in runs.values()])
+    zeros = conv5_zero_fraction(NET, runs[sizes[-1]]["devkit"])
     print(f"\n== {scales} scale(s) {SCALES[scales]}: {NET_DESCRIPTION} ({100 * zeros:.1f}% zeros in conv5), "
           f"{args.windows} random windows per image")
     head = "".join(f"{'n=' + str(n) + ' s/img':>13}{'KB/img':>9}{'RSS GB':>8}" for n in sizes)
@@ -339,7 +336,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="keep the rehearsal's files here")
     parser.add_argument("--weights", type=Path, default=None,
                         help="a full-width ZF-5 checkpoint (e.g. from `sppcli pretrain`) instead of a random one")
-    global args, NET_DESCRIPTION
+    global args, NET, NET_DESCRIPTION
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sppcli-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -347,8 +344,9 @@ def main() -> None:
         weights = make_weights(workdir / "zf5_random.pt")
         NET_DESCRIPTION = "random full-width ZF-5"
     else:
-        weights = check_full_width(args.weights.resolve())
+        weights = args.weights.resolve()
         NET_DESCRIPTION = f"full-width ZF-5 from {args.weights}"
+    NET = load_full_width(weights)  # loaded once: checked here, its conv5 sparsity measured per table
     print(f"net: {NET_DESCRIPTION}")
     totals = {}
     try:
