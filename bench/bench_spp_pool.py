@@ -102,17 +102,25 @@ def main() -> None:
         typed = fmap.to(dtype)
         assert torch.equal(spp_pool(typed, cells), spp_pool_reference(typed, cells)), f"{dtype} differs"
         output = spp_pool(typed, cells).numpy()
-        floor = best_time(lambda: np.copyto(np.empty_like(output), output), args.repeats)
-        pooled = best_time(lambda: spp_pool(typed, cells), args.repeats)
+        # Each repeat times the floor and spp_pool back to back, and the ratio reported is the
+        # median of those paired ratios: on a shared machine the floor alone (page faults and
+        # memory bandwidth) varies by +-20% between calls, so best-of-N of each side separately
+        # pairs a lucky floor with an unlucky pool or the reverse.
+        ratios, pooled_cpu, floor_cpu = [], [], []
+        for _ in range(args.repeats):
+            floor = best_time(lambda: np.copyto(np.empty_like(output), output), 1)[1]
+            pooled = best_time(lambda: spp_pool(typed, cells), 1)[1]
+            ratios.append(pooled / floor)
+            pooled_cpu.append(pooled)
+            floor_cpu.append(floor)
         with torch_path():
-            fallback = best_time(lambda: spp_pool(typed, cells), args.repeats)
-        # Ratios of CPU time (one thread: the same as wall time on an idle machine, and not
-        # inflated by waiting for a core on a shared one); wall-clock ratios in brackets.
+            fallback = [best_time(lambda: spp_pool(typed, cells), 1)[1] / best_time(
+                lambda: np.copyto(np.empty_like(output), output), 1)[1] for _ in range(args.repeats)]
         name = str(dtype).removeprefix("torch.")
-        print(f"{name}: spp_pool {pooled[1] * 1e3:.1f} ms, floor {floor[1] * 1e3:.1f} ms "
-              f"({output.nbytes / 1e6:.0f} MB), pool_vs_floor={pooled[1] / floor[1]:.2f} "
-              f"(wall {pooled[0] / floor[0]:.2f}); torch path {fallback[1] * 1e3:.1f} ms, "
-              f"pool_vs_floor={fallback[1] / floor[1]:.2f} (wall {fallback[0] / floor[0]:.2f})")
+        print(f"{name}: spp_pool {np.median(pooled_cpu) * 1e3:.1f} ms, floor {np.median(floor_cpu) * 1e3:.1f} ms "
+              f"({output.nbytes / 1e6:.0f} MB) (medians of CPU time, one thread), "
+              f"pool_vs_floor={np.median(ratios):.2f} (paired ratios {min(ratios):.2f} to {max(ratios):.2f}); "
+              f"torch path pool_vs_floor={np.median(fallback):.2f}")
 
 
 class torch_path:

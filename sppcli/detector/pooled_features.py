@@ -139,17 +139,22 @@ class PooledFeatures:
         return self.rows(windows.image_id, rows, windows.scale_index[rows], windows.cells[rows])
 
     def gather(self, image_ids: Sequence[str], image: np.ndarray, row: np.ndarray, scale_index: np.ndarray,
-               cells: np.ndarray, flip: np.ndarray | None = None, stored: bool = True, progress=None) -> np.ndarray:
+               cells: np.ndarray, flip: np.ndarray | None = None, stored: bool = True, progress=None,
+               out: np.ndarray | None = None) -> np.ndarray:
         """Rows of windows of many images, ``[M, D]`` in request order.
 
         ``image`` int ``[M]`` indexes ``image_ids``; ``row``, ``scale_index``, ``cells`` and
         ``flip`` (bool ``[M]``, None: no flips) describe each requested window; ``stored`` as in
         :meth:`rows`. Requests are grouped by image (and flip) so each map is read, or taken from
-        the cache, once per call.
+        the cache, once per call. ``out``: an ``[M, D]`` array of the storage dtype to fill and
+        return instead of a new one (a caller assembling one large block avoids a second copy).
         """
         image = np.asarray(image, dtype=np.int64).reshape(-1)
         flip = np.zeros(image.size, bool) if flip is None else np.asarray(flip, bool).reshape(-1)
-        out = np.empty((image.size, self.dim), dtype=self.dtype)
+        if out is None:
+            out = np.empty((image.size, self.dim), dtype=self.dtype)
+        elif out.shape != (image.size, self.dim) or out.dtype != self.dtype:
+            raise ValueError(f"out must be {(image.size, self.dim)} {self.dtype}, got {out.shape} {out.dtype}")
         if image.size == 0:
             return out
         group = image * 2 + flip

@@ -239,28 +239,32 @@ class SelectedFeatures:
         self.cache: np.ndarray | None = None
         variants = self.flips * self.scale_choices
         if variants * len(selected) * self.row_bytes <= max_cache_bytes:
-            parts = []
+            # Filled in place, variant by variant: concatenating per-variant parts would hold the
+            # cache twice at its peak.
+            count = len(selected)
+            self.cache = np.empty((variants * count, pooled.dim), dtype=pooled.dtype)
             for f in range(self.flips):
                 for s in range(self.scale_choices):
-                    count = len(selected)
-                    parts.append(self._make(np.arange(count), np.full(count, bool(f)),
-                                            np.full(count, s if random_scale else -1), progress))
-            self.cache = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                    variant = f * self.scale_choices + s
+                    self._make(np.arange(count), np.full(count, bool(f)), np.full(count, s if random_scale else -1),
+                               progress, out=self.cache[variant * count:(variant + 1) * count])
 
     @property
     def in_memory(self) -> bool:
         return self.cache is not None
 
-    def _make(self, indices: np.ndarray, flip: np.ndarray, scale: np.ndarray, progress=None) -> np.ndarray:
+    def _make(self, indices: np.ndarray, flip: np.ndarray, scale: np.ndarray, progress=None,
+              out: np.ndarray | None = None) -> np.ndarray:
         w = self.selected.take(indices)
         moved = flip | (scale >= 0)
         if not moved.any():
-            return self.pooled.gather(self.image_ids, w.image, w.row, w.scale_index, w.cells, progress=progress)
+            return self.pooled.gather(self.image_ids, w.image, w.row, w.scale_index, w.cells, progress=progress,
+                                      out=out)
         scale = np.where(scale >= 0, scale, w.scale_index).astype(np.int64)
         cells = w.cells.copy()
         cells[moved] = self.geometry.cells(w.image[moved], w.boxes[moved], scale[moved], flip[moved])
         return self.pooled.gather(self.image_ids, w.image, w.row, scale, cells, flip=flip, stored=False,
-                                  progress=progress)
+                                  progress=progress, out=out)
 
     def get(self, indices: np.ndarray, flip: np.ndarray | None = None, scale: np.ndarray | None = None
             ) -> np.ndarray:

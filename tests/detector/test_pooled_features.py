@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
+import pytest
 import torch
 
 from sppcli.detector.pooled_features import MapCache, PooledFeatures, pool_rows
@@ -93,6 +94,13 @@ def test_on_the_fly_rows_equal_stored_rows_bit_for_bit(tmp_path):
     assert got.tobytes() == want.tobytes()
     assert len(reads) == len(set(zip(image.tolist(), scale.tolist())))
     assert on_the_fly.gather(ids, np.zeros(0, int), np.zeros(0, int), np.zeros(0, int), np.zeros((0, 4))).shape == (0, 250)
+    # into a caller's block (the in-memory fine-tuning cache): the same bytes, in that array
+    block = np.full((len(image) + 2, 250), np.nan, np.float16)
+    filled = on_the_fly.gather(ids, image, row, scale, cells, out=block[1:-1])
+    assert filled.base is block or filled.base is block.base
+    assert block[1:-1].tobytes() == want.tobytes() and np.isnan(block[[0, -1]]).all()
+    with pytest.raises(ValueError, match="out must be"):
+        on_the_fly.gather(ids, image, row, scale, cells, out=np.empty((len(image), 250), np.float32))
 
 
 def test_map_cache_keeps_the_first_maps_that_fit():
