@@ -9,8 +9,8 @@ window. Two implementations:
 
 * On the CPU (float16 and float32 maps, numba installed): a compiled kernel, see "CPU kernel"
   below. It scans each window's finest bins on the channels-last map and writes each output
-  row once, in place: about 3x (float32) and 4.5x (float16) the time of one write of
-  the output (bench/bench_spp_pool.py), against 5.4x and 10x for the torch path.
+  row once, in place: about 4x the time of one write (a fill) of the output, float32 and
+  float16 alike (bench/bench_spp_pool.py), against 5.5x and 8-10x for the torch path.
 * Otherwise (CUDA maps, float64, no numba): torch operations, as follows.
 
 * Bins follow adaptive pooling: over a window of ``L`` cells, bin ``i`` of ``n`` covers
