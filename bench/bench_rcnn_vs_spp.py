@@ -335,10 +335,11 @@ def main() -> None:
     base_conv, base_total = rows[0][1], rows[0][1] + rows[0][3]
     print(f"{'':<26}{'conv s':>9}{'pool s':>8}{'fc s':>8}{'total s':>9}{'conv x':>8}{'total x':>9}"
           f"{'conv GFLOP/s':>14}{'fc GFLOP/s':>12}")
+    # an SVD row's speed-up is against R-CNN with the same truncated head (rows[1])
+    rcnn_svd_total = rows[1][1] + rows[1][3] if rcnn_svd_head is not None else None
     for name, conv, pool, fc, cmacs, fmacs in rows:
         total = conv + pool + fc
-        # an SVD row's speed-up is against R-CNN with the same truncated head
-        reference = rows[1][1] + rows[1][3] if "SVD" in name else base_total
+        reference = rcnn_svd_total if "SVD" in name else base_total
         print(f"{name:<26}{conv:>9.3f}{pool:>8.3f}{fc:>8.3f}{total:>9.3f}{base_conv / conv:>8.1f}"
               f"{reference / total:>9.1f}{2 * cmacs / conv / 1e9:>14.1f}{2 * fmacs / fc / 1e9:>12.1f}")
     ceiling = {key: rcnn_conv_macs / spp_conv_macs[key] for key in sides}
@@ -358,7 +359,6 @@ def main() -> None:
             f"pool_vs_floor={pool_vs_floor:.1f}")
     if svd_head is not None:
         svd = {key: next(r for r in rows if r[0].startswith(f"SPP {key}-scale, SVD")) for key in sides}
-        rcnn_svd_total = rows[1][1] + rows[1][3]
         line += (f" overall_1_svd={rcnn_svd_total / sum(svd['1'][1:4]):.1f}"
                  f" overall_5_svd={rcnn_svd_total / sum(svd['5'][1:4]):.1f}")
     print(line)

@@ -59,44 +59,32 @@ def _write_channel_major(bins, row):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _write_channel_major_paired(bins, pairs, row_wide, bits):
-    """:func:`_write_channel_major` for an even bin count, moving two bins per element: bins
-    ``2p`` and ``2p + 1`` of a channel are adjacent in the row, so they are packed into one
-    word of twice the width (vectorised over channels) and the strided transpose, which
-    costs per element, moves half as many. ``row_wide`` is the row viewed at that width."""
+def _write_channel_major_words(bins, words, row_words):
+    """:func:`_write_channel_major` for a bin count divisible by ``lanes = 64 / bits`` (4 for
+    16-bit keys, 2 for 32-bit), moving 64-bit words: bins ``lanes * q .. lanes * q + lanes - 1``
+    of a channel are adjacent in the row, so they are packed into one word (vectorised over
+    channels) and the strided transpose, which costs per element, moves a ``lanes``-th as many.
+    ``row_words`` is the row viewed as int64; ``words`` scratch of at least ``[B / lanes, C]``."""
     count, channels = bins.shape
-    half = count // 2
-    for p in range(half):
-        low, high = bins[2 * p], bins[2 * p + 1]
-        packed = pairs[p]
-        if bits == 16:
+    bits = bins.itemsize * 8
+    lanes = 64 // bits
+    mask = (np.int64(1) << bits) - 1
+    per_channel = count // lanes
+    for q in range(per_channel):
+        packed = words[q]
+        b0, b1 = bins[lanes * q], bins[lanes * q + 1]
+        # the lanes spelt out in one pass: a pass per lane over the same row measured slower
+        if lanes == 4:
+            b2, b3 = bins[lanes * q + 2], bins[lanes * q + 3]
             for c in range(channels):
-                packed[c] = (np.int32(low[c]) & 0xFFFF) | (np.int32(high[c]) << 16)
+                packed[c] = ((np.int64(b0[c]) & mask) | ((np.int64(b1[c]) & mask) << 16)
+                             | ((np.int64(b2[c]) & mask) << 32) | (np.int64(b3[c]) << 48))
         else:
             for c in range(channels):
-                packed[c] = (np.int64(low[c]) & 0xFFFFFFFF) | (np.int64(high[c]) << 32)
+                packed[c] = (np.int64(b0[c]) & mask) | (np.int64(b1[c]) << 32)
     for c in range(channels):
-        for p in range(half):
-            row_wide[c * half + p] = pairs[p, c]
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _write_channel_major_quads(bins, quads, row_quad):
-    """:func:`_write_channel_major_paired` four bins at a time, for 16-bit keys and a bin count
-    divisible by 4 (the 2x2 and 6x6 levels: 80% of a 12,800-d row): bins ``4q .. 4q + 3`` of a
-    channel go into one 64-bit word, so the strided transpose moves a quarter of the elements.
-    ``row_quad`` is the row viewed as 64-bit words."""
-    count, channels = bins.shape
-    quarter = count // 4
-    for q in range(quarter):
-        b0, b1, b2, b3 = bins[4 * q], bins[4 * q + 1], bins[4 * q + 2], bins[4 * q + 3]
-        packed = quads[q]
-        for c in range(channels):
-            packed[c] = ((np.int64(b0[c]) & 0xFFFF) | ((np.int64(b1[c]) & 0xFFFF) << 16)
-                         | ((np.int64(b2[c]) & 0xFFFF) << 32) | (np.int64(b3[c]) << 48))
-    for c in range(channels):
-        for q in range(quarter):
-            row_quad[c * quarter + q] = quads[q, c]
+        for q in range(per_channel):
+            row_words[c * per_channel + q] = words[q, c]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -115,7 +103,7 @@ def _merge_bins(bins, target, first, group, row_length):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def pool_windows(keys, keys_are_bits, cells, order, sources, sizes, parents, level_slots, out, out_wide, out_quad):
+def pool_windows(keys, keys_are_bits, cells, order, sources, sizes, parents, level_slots, out, out_words):
     """Pooled keys of every window, written to ``out`` in its final layout.
 
     Args:
@@ -130,10 +118,9 @@ def pool_windows(keys, keys_are_bits, cells, order, sources, sizes, parents, lev
             when it is scanned from the map.
         level_slots: per output level (in output order), its index in ``sizes``.
         out: ``[N, D]`` integer view of the float output; receives the float bits.
-        out_wide: ``out`` viewed as integers of twice the width (``[N, D / 2]``), or
-            ``[N, 0]`` when ``D`` is odd (then every level is written unpaired).
-        out_quad: a 16-bit ``out`` viewed as 64-bit integers (``[N, D / 4]``), or ``[N, 0]``
-            when the keys are wider or ``D`` is not a multiple of 4.
+        out_words: ``out`` viewed as int64 (``[N, D * bits / 64]``), or ``[N, 0]`` when the
+            channel count is not a multiple of ``64 / bits`` (then every level is written one
+            element at a time).
     """
     channels = keys.shape[2]
     bits = out.itemsize * 8
@@ -143,10 +130,9 @@ def pool_windows(keys, keys_are_bits, cells, order, sources, sizes, parents, lev
     for t in range(count):
         starts[t + 1] = starts[t] + sizes[t] * sizes[t]
     bins = np.empty((starts[count], channels), dtype=keys.dtype)
-    pairs = np.empty(((starts[count] + 1) // 2, channels), dtype=out_wide.dtype)
-    pairable = out_wide.shape[1] > 0
-    quadable = out_quad.shape[1] > 0
-    quads = np.empty(((starts[count] + 3) // 4, channels), dtype=np.int64)
+    lanes = 64 // bits
+    by_words = out_words.shape[1] > 0
+    words = np.empty(((starts[count] + lanes - 1) // lanes, channels), dtype=np.int64)
     flat = bins.reshape(-1)
     for step in range(order.shape[0]):
         k = order[step]
@@ -184,11 +170,8 @@ def pool_windows(keys, keys_are_bits, cells, order, sources, sizes, parents, lev
             n2 = sizes[t] * sizes[t]
             base = starts[t]
             level_bins = bins[base:base + n2]
-            if quadable and n2 % 4 == 0 and column % 4 == 0:
-                _write_channel_major_quads(level_bins, quads, out_quad[k, column // 4:(column + channels * n2) // 4])
-            elif pairable and n2 % 2 == 0 and column % 2 == 0:
-                wide = out_wide[k, column // 2:(column + channels * n2) // 2]
-                _write_channel_major_paired(level_bins, pairs, wide, bits)
+            if by_words and n2 % lanes == 0:
+                _write_channel_major_words(level_bins, words, out_words[k, column // lanes:(column + channels * n2) // lanes])
             else:
                 _write_channel_major(level_bins, row_out[column:column + channels * n2])
             column += channels * n2

@@ -405,7 +405,6 @@ def _plan_merge(finer: Tensor, group: int, steps: list[tuple[Tensor, Tensor, Ten
 
 # float64 maps take the torch path: rare here, and each key width is one more JIT compile.
 _KEY_DTYPES = {np.dtype(np.float16): np.int16, np.dtype(np.float32): np.int32}
-_WIDE_KEY_DTYPES = {np.dtype(np.float16): np.int32, np.dtype(np.float32): np.int64}
 
 # Set to False (tests, benchmarks) to force the torch path on the CPU too.
 _USE_NUMBA = True
@@ -457,12 +456,12 @@ def _pool_on_cpu(kernels, fmap: Tensor, cells: Tensor, levels: Sequence[int], de
     dim = pooled_dim(channels, levels)
     out = np.empty((total, dim), dtype=values.dtype)
     out_keys = out.view(keys.dtype)
-    wide_dtype = _WIDE_KEY_DTYPES[values.dtype]
-    out_wide = out.view(wide_dtype) if dim % 2 == 0 else np.empty((total, 0), dtype=wide_dtype)
-    quadable = out.itemsize == 2 and dim % 4 == 0
-    out_quad = out.view(np.int64) if quadable else np.empty((total, 0), dtype=np.int64)
-    kernels.pool_windows(keys, keys_are_bits, cells_np, order, sources, sizes, parents, level_slots, out_keys, out_wide,
-                         out_quad)
+    # Levels are written in 64-bit words when every level's columns start on a word: the
+    # channel count a multiple of the elements a word holds.
+    lanes = 8 // out.itemsize
+    out_words = out.view(np.int64) if channels % lanes == 0 else np.empty((total, 0), dtype=np.int64)
+    kernels.pool_windows(keys, keys_are_bits, cells_np, order, sources, sizes, parents, level_slots, out_keys,
+                         out_words)
     return torch.from_numpy(out)
 
 

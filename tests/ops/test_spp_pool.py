@@ -98,7 +98,7 @@ def test_ties_and_float16():
 @pytest.mark.parametrize("channels", [16, 6, 3])
 def test_float16_rows_of_every_alignment(channels):
     # 16 channels: every level's columns start on a multiple of 4 (the 2x2 and 6x6 levels are
-    # written four bins to a word); 6: only a multiple of 2 (paired); 3: odd (one at a time).
+    # written four bins to a word); 6 and 3: they do not (one element at a time).
     generator = torch.Generator().manual_seed(channels)
     fmap = torch.randn(channels, 19, 23, generator=generator).clamp(min=0).half()
     cells = every_window(19, 23)[::5]
